@@ -1,0 +1,102 @@
+"""Small things every script shares: user errors, the CLI wrapper, seeding, devices, run dirs.
+
+A *user error* (missing file, malformed row, wrong checkpoint, missing API key) is not a bug:
+the CLI prints one line on stderr and exits with code 2, no traceback. Bugs keep their traceback.
+"""
+import json
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line on stderr, exit code 2."""
+
+
+def run_cli(main):
+    """Run `main()` and turn a UserError into one line on stderr and exit code 2."""
+    try:
+        code = main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA when present, else CPU; an unavailable device is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but torch sees no CUDA device (use --device cpu)")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed-precision context for `precision` in {'fp32', 'bf16', 'fp16'}.
+
+    fp16 on CPU is refused: CPU fp16 matmuls are ~100x slower than fp32.
+    """
+    if precision == "fp32":
+        return nullcontext()
+    if precision not in ("bf16", "fp16"):
+        raise UserError(f"unknown precision {precision!r} (use fp32, bf16 or fp16)")
+    if precision == "fp16" and device.type == "cpu":
+        raise UserError("fp16 on CPU is ~100x slower than fp32; use --precision bf16 or fp32")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def default_precision(device: torch.device) -> str:
+    """bf16 autocast on CUDA, fp32 on CPU (bf16 on CPU is an opt-in: faster, less exact)."""
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def make_run_dir(stage: str, name: str, root: str = "runs") -> str:
+    """runs/<stage>_<name>_<YYYYmmdd-HHMMSS>/, made unique if two runs start in the same second."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = os.path.join(root, f"{stage}_{name}_{stamp}")
+    path, n = base, 1
+    while os.path.exists(path):
+        path, n = f"{base}-{n}", n + 1
+    os.makedirs(path)
+    return path
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Write JSON to a temporary name and rename it, so a crash never leaves half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: str, what: str = "file"):
+    if not os.path.isfile(path):
+        raise UserError(f"{what} not found: {path}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from None
+
+
+def is_interactive() -> bool:
+    """Progress bars only on a terminal and never in CI."""
+    return sys.stderr.isatty() and not os.environ.get("CI")

@@ -1,0 +1,526 @@
+"""GPT-2 with LoRA, written out by hand, and the three heads RLHF puts on it.
+
+References
+- GPT-2: Radford et al. 2019, "Language Models are Unsupervised Multitask Learners", sec. 2.3:
+  the GPT-1 decoder with LayerNorm moved to the input of each sub-block, a final LayerNorm,
+  residual projections initialised with std 0.02/sqrt(2 * n_layer), learned positions,
+  tanh-approximated GELU, input and output embeddings tied.
+- LoRA: Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models": W x + (alpha/r) B A x
+  with B = 0 at init; adapters come from Microsoft's `loralib`.
+- KV cache: keys and values of past positions are kept, so each new token costs one position's
+  forward instead of the whole prefix (the original minChatGPT recomputed the prefix every token).
+- Reward model: Ouyang et al. 2022 (InstructGPT) sec. 3.5 / Ziegler et al. 2019 — a scalar head on
+  the hidden state of the final token; the critic is the same head applied at every position.
+
+Conventions: B batch, T new positions, S all key positions (past + new), C = n_embd,
+nh heads of size hs = C / nh, V = vocab size. `GPT.forward` returns hidden states, not logits:
+the 50257-wide output layer is the most expensive matmul on a small model, so each head asks for
+logits only where it needs them (`lm_head`).
+Padding: an attention mask (1 = real token) goes with every batch; positions are counted from it,
+so a left-padded row gives the same outputs as the same row without padding.
+"""
+import json
+import math
+from contextlib import contextmanager
+from typing import NamedTuple, Optional, Sequence
+
+import loralib as lora
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from common import UserError
+from configs import EOS_ID, ModelConfig
+
+# -----------------------------------------------------------------------------
+# Building blocks
+
+
+def _linear(config: ModelConfig, n_in: int, n_out: int, target: str) -> nn.Linear:
+    """nn.Linear, or loralib's LoRA Linear when `target` is one of the configured LoRA targets.
+
+    merge_weights=False: loralib would otherwise fold the adapters into W on every .eval() and
+    out again on .train(), changing W under our feet; merging is explicit here (merge_lora).
+    """
+    if config.lora_rank and target in config.lora_targets:
+        return lora.Linear(n_in, n_out, r=config.lora_rank, lora_alpha=config.lora_alpha,
+                           lora_dropout=config.lora_dropout, merge_weights=False)
+    return nn.Linear(n_in, n_out)
+
+
+def _qkv_linear(config: ModelConfig) -> nn.Linear:
+    """The fused query/key/value projection, with LoRA on the chosen ones of q, k, v."""
+    C = config.n_embd
+    enable = [t in config.lora_targets for t in ("q", "k", "v")]
+    if config.lora_rank and any(enable):
+        return lora.MergedLinear(C, 3 * C, r=config.lora_rank, lora_alpha=config.lora_alpha,
+                                 lora_dropout=config.lora_dropout, enable_lora=enable, merge_weights=False)
+    return nn.Linear(C, 3 * C)
+
+
+class KVCache:
+    """Keys and values of every layer for positions already processed: (B, nh, S_max, hs) each."""
+
+    def __init__(self, n_layer: int, max_len: int):
+        self.max_len = max_len
+        self.k = [None] * n_layer
+        self.v = [None] * n_layer
+        self.length = 0  # positions filled so far (same for every row: rows are padded alike)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store the new (B, nh, T, hs) keys/values; return all of them so far, (B, nh, S, hs)."""
+        B, nh, T, hs = k.shape
+        if self.k[layer] is None:
+            self.k[layer] = k.new_empty(B, nh, self.max_len, hs)
+            self.v[layer] = v.new_empty(B, nh, self.max_len, hs)
+        end = self.length + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, asked for {end}")
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.c_attn = _qkv_linear(config)
+        self.c_proj = _linear(config, config.n_embd, config.n_embd, "attn_out")
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, attn_mask, kv_cache: Optional[KVCache] = None, layer: int = 0):
+        B, T, C = x.shape
+        nh, hs = self.n_head, C // self.n_head
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)  # (B, nh, S, hs)
+        # attn_mask is None only for an unpadded batch without past keys: plain causal attention.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.c_fc = _linear(config, config.n_embd, 4 * config.n_embd, "mlp_in")
+        self.c_proj = _linear(config, 4 * config.n_embd, config.n_embd, "mlp_out")
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):  # (B, T, C) -> (B, T, C)
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block (GPT-2 sec. 2.3)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask, kv_cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+def attention_mask_4d(attention_mask: Optional[torch.Tensor], T: int, past: int, device) -> Optional[torch.Tensor]:
+    """Boolean (B or 1, 1, T, S) mask, True where a query may attend; None = plain causal.
+
+    Queries are the T newest of S = past + T positions. A key is visible if it is not after the
+    query and not padding. Every query also sees itself, so a padding query never has an empty
+    softmax row (which would produce NaNs); its output is ignored anyway.
+    """
+    if attention_mask is None and past == 0:
+        return None
+    S = past + T
+    q_pos = torch.arange(past, S, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+    allowed = (k_pos <= q_pos)[None, None]  # (1, 1, T, S)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :].bool()  # (B, 1, T, S)
+        allowed = allowed | (k_pos == q_pos)
+    return allowed
+
+
+def position_ids(attention_mask: Optional[torch.Tensor], T: int, past: int, device) -> torch.Tensor:
+    """Positions of the T newest tokens: counted over real tokens only, so left padding is free."""
+    if attention_mask is None:
+        return torch.arange(past, past + T, device=device)[None]  # (1, T)
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T)
+
+
+# -----------------------------------------------------------------------------
+# The language model (the policy / actor in RLHF)
+
+
+class Generation(NamedTuple):
+    tokens: torch.Tensor  # (B, Tp + Tn) prompt then response ids; pad id after a row finished
+    attention_mask: torch.Tensor  # (B, Tp + Tn) 1 on real prompt tokens and response tokens
+    response_mask: torch.Tensor  # (B, Tp + Tn) 1 on response tokens, up to and including EOS
+    prompt_len: int  # Tp: responses start at this column
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self._init_weights()
+
+    def _init_weights(self):
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                # GPT-2 scales the residual projections by 1/sqrt(number of residual layers).
+                std = 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj") else 0.02
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def forward(self, idx, attention_mask=None, kv_cache: Optional[KVCache] = None):
+        """Token ids (B, T) -> final hidden states (B, T, C).
+
+        attention_mask (B, S) covers the past positions in kv_cache and the T new ones.
+        """
+        B, T = idx.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens is longer than block_size {self.config.block_size}")
+        pos = position_ids(attention_mask, T, past, idx.device)  # (B or 1, T)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        mask = attention_mask_4d(attention_mask, T, past, idx.device)
+        for i, block in enumerate(self.h):
+            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.length = past + T
+        return self.ln_f(x)  # (B, T, C)
+
+    def lm_head(self, h):
+        """Hidden states (..., C) -> logits (..., V), through the tied token embedding."""
+        return F.linear(h, self.wte.weight)
+
+    def logits(self, idx, attention_mask=None):
+        """Full logits (B, T, V), as GPT2LMHeadModel returns them."""
+        return self.lm_head(self(idx, attention_mask))
+
+    def token_logprobs(self, idx, attention_mask, start: int, temperature: float = 1.0,
+                       with_entropy: bool = False, chunk_rows: int = 4096):
+        """log pi(idx[:, t] | idx[:, :t]) / temperature-scaled, for t in [start, T): (B, T - start).
+
+        With temperature T the policy is softmax(logits / T), the distribution sampled from;
+        old, new and reference log-probs must all use the same T (RLHF_DETAILS item 8).
+        Logits are made `chunk_rows` positions at a time: a (B*T, 50257) fp32 tensor is large.
+        Returns (logprobs, entropy or None).
+        """
+        h = self(idx, attention_mask)[:, start - 1:-1]  # (B, Tr, C): position t-1 predicts t
+        targets = idx[:, start:]  # (B, Tr)
+        B, Tr, C = h.shape
+        h, targets = h.reshape(B * Tr, C), targets.reshape(B * Tr)
+        logps, ents = [], []
+        for i in range(0, B * Tr, chunk_rows):
+            logits = self.lm_head(h[i:i + chunk_rows]).float() / temperature  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            logps.append(logits.gather(-1, targets[i:i + chunk_rows, None]).squeeze(-1) - lse)
+            if with_entropy:
+                with torch.no_grad():
+                    ents.append(lse - (F.softmax(logits, dim=-1) * logits).sum(-1))
+        logp = torch.cat(logps).view(B, Tr)
+        return logp, (torch.cat(ents).view(B, Tr) if with_entropy else None)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: Optional[torch.Tensor] = None,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        eos_id: Optional[int] = EOS_ID,
+        stop_strings: Sequence[str] = (),
+        tokenizer=None,
+        generator: Optional[torch.Generator] = None,
+        use_cache: bool = True,
+    ) -> Generation:
+        """Sample (or, with temperature=0, greedily decode) continuations of left-padded prompts.
+
+        A row stops at its first EOS (kept as the last response token) or when its response text
+        contains one of `stop_strings` (needs `tokenizer`; the caller strips the stop string from
+        the decoded text). Finished rows get pad ids and mask 0 after that point, and the output
+        layer is only run for rows still going. use_cache=False recomputes the whole prefix at every
+        step, as the original project did (kept for tests and benchmarks).
+        """
+        B, Tp = prompt_ids.shape
+        device = prompt_ids.device
+        if prompt_mask is None:
+            prompt_mask = torch.ones_like(prompt_ids)
+        if Tp + max_new_tokens > self.config.block_size:
+            raise ValueError(f"prompt of {Tp} tokens + {max_new_tokens} new exceeds block_size {self.config.block_size}")
+        if stop_strings and tokenizer is None:
+            raise ValueError("stop_strings needs a tokenizer to read the text")
+        stop_window = max((len(s.encode()) for s in stop_strings), default=0) + 1  # tokens >= 1 byte
+        cache = KVCache(self.config.n_layer, Tp + max_new_tokens) if use_cache else None
+        new = prompt_ids.new_full((B, max_new_tokens), EOS_ID if eos_id is None else eos_id)  # (B, Tn)
+        new_mask = torch.zeros_like(new)  # (B, Tn)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        mask = prompt_mask
+        h_last = self(prompt_ids, prompt_mask, kv_cache=cache)[:, -1]  # (B, C)
+        n = 0
+        for t in range(max_new_tokens):
+            alive = (~finished).nonzero().squeeze(1)  # rows still generating
+            logits = self.lm_head(h_last[alive]).float()  # (b, V)
+            nxt = sample_from_logits(logits, temperature, top_k, top_p, generator)  # (b,)
+            new[alive, t] = nxt
+            new_mask[alive, t] = 1
+            n = t + 1
+            if eos_id is not None:
+                finished[alive] |= nxt == eos_id
+            for row in alive.tolist() if stop_strings else ():
+                tail = tokenizer.decode(new[row, max(0, t + 1 - stop_window):t + 1])
+                if any(s in tail for s in stop_strings):
+                    finished[row] = True
+            if finished.all() or t == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, Tp + t + 1)
+            if use_cache:
+                h_last = self(new[:, t:t + 1], mask, kv_cache=cache)[:, -1]
+            else:
+                h_last = self(torch.cat([prompt_ids, new[:, :t + 1]], 1), mask)[:, -1]
+        response_mask = torch.cat([torch.zeros_like(prompt_mask), new_mask[:, :n]], dim=1)
+        return Generation(
+            tokens=torch.cat([prompt_ids, new[:, :n]], dim=1),
+            attention_mask=torch.cat([prompt_mask, new_mask[:, :n]], dim=1),
+            response_mask=response_mask,
+            prompt_len=Tp,
+        )
+
+    # --- weights in and out (Hugging Face GPT2LMHeadModel layout) ---
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str, config: Optional[ModelConfig] = None) -> "GPT":
+        """Load GPT-2 weights from a hub name or a directory written by transformers.
+
+        `config` (optional) must have the checkpoint's shape; its LoRA and dropout settings are
+        kept. Without it the shape is read from the checkpoint.
+        """
+        hf = load_hf_gpt2(name_or_dir)
+        hc = hf.config
+        shape = dict(n_layer=hc.n_layer, n_head=hc.n_head, n_embd=hc.n_embd, block_size=hc.n_positions,
+                     vocab_size=hc.vocab_size)
+        if config is None:
+            config = ModelConfig(**shape, layer_norm_eps=hc.layer_norm_epsilon, pretrained=name_or_dir)
+        mismatch = {k: (getattr(config, k), v) for k, v in shape.items() if getattr(config, k) != v}
+        if mismatch:
+            diff = ", ".join(f"{k} {want} (preset) vs {got} (checkpoint)" for k, (want, got) in mismatch.items())
+            raise UserError(f"weights in {name_or_dir} do not fit the preset: {diff}")
+        model = cls(config)
+        model.load_hf_state_dict(hf.state_dict(), source=name_or_dir)
+        return model
+
+    def load_hf_state_dict(self, hf_sd: dict, source: str = "checkpoint"):
+        ours = {}
+        for name, tensor in hf_sd.items():
+            if name == "lm_head.weight" or name.endswith((".attn.bias", ".attn.masked_bias")):
+                continue  # tied to wte / causal-mask buffers of old transformers versions
+            key = name.removeprefix("transformer.")
+            ours[key] = tensor.t() if key.endswith(_HF_TRANSPOSED) else tensor
+        missing, unexpected = self.load_state_dict(ours, strict=False)
+        missing = [k for k in missing if "lora_" not in k]  # adapters start at B = 0
+        if missing or unexpected:
+            raise UserError(f"{source} does not fit this GPT-2: missing {missing[:4]}, unexpected {unexpected[:4]}")
+
+    def merged_state_dict(self) -> dict:
+        """Plain GPT-2 weights with every LoRA update folded in (W + alpha/r * B A); W untouched."""
+        sd = {k: v for k, v in self.state_dict().items() if "lora_" not in k}
+        for name, m in self.named_modules():
+            if isinstance(m, lora.LoRALayer) and m.r > 0 and not m.merged:
+                delta = m.merge_AB() if isinstance(m, lora.MergedLinear) else m.lora_B @ m.lora_A
+                sd[f"{name}.weight"] = m.weight.detach() + delta.detach() * m.scaling
+        return sd
+
+    def export_hf(self, out_dir: str):
+        """Write a directory that transformers.GPT2LMHeadModel.from_pretrained loads (LoRA merged),
+        together with the GPT-2 tokenizer files."""
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        c = self.config
+        hf = GPT2LMHeadModel(GPT2Config(
+            vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+            n_head=c.n_head, layer_norm_epsilon=c.layer_norm_eps, activation_function="gelu_new",
+            resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
+            bos_token_id=EOS_ID, eos_token_id=EOS_ID, tie_word_embeddings=True,
+        ))
+        hf_sd = {}
+        for key, tensor in self.merged_state_dict().items():
+            hf_sd["transformer." + key] = (tensor.t() if key.endswith(_HF_TRANSPOSED) else tensor).contiguous()
+        hf_sd["lm_head.weight"] = hf_sd["transformer.wte.weight"]
+        hf.load_state_dict(hf_sd, strict=True)
+        hf.save_pretrained(out_dir)
+        hf_tokenizer().save_pretrained(out_dir)
+
+
+# transformers stores these as Conv1D weights, (in, out); ours are nn.Linear, (out, in).
+_HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def load_hf_gpt2(name_or_dir: str):
+    """transformers' GPT2LMHeadModel from a hub name or local dir, with a one-line error on failure."""
+    import os
+    from transformers import GPT2LMHeadModel
+    try:
+        return GPT2LMHeadModel.from_pretrained(name_or_dir, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        hint = ("" if os.path.isdir(name_or_dir) else
+                "; the Hugging Face hub may be unreachable: pass a local directory written by save_pretrained")
+        raise UserError(f"cannot load GPT-2 weights from {name_or_dir!r}: {str(e).splitlines()[0]}{hint}") from None
+
+
+def hf_tokenizer():
+    """transformers' GPT2TokenizerFast from the same offline BPE files our tokenizer uses."""
+    from transformers import GPT2TokenizerFast
+
+    from tokenizer import gpt2_bpe_files
+    vocab_bpe, encoder_json = gpt2_bpe_files()
+    with open(encoder_json) as f:
+        vocab = json.load(f)
+    with open(vocab_bpe, encoding="utf-8") as f:
+        merges = [tuple(line.split()) for line in f.read().split("\n")[1:] if line]
+    tok = GPT2TokenizerFast(vocab=vocab, merges=merges)
+    assert len(tok) == 50257, f"reference tokenizer has {len(tok)} entries, not 50257"
+    return tok
+
+
+def sample_from_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Next token per row from logits (b, V): argmax when temperature == 0, else a sample from
+    softmax(logits / temperature), optionally restricted to the top-k / nucleus top-p tokens.
+
+    Sampling inverts the CDF with one uniform number per row (searchsorted on the cumulative sum),
+    which is the same distribution as torch.multinomial and much cheaper over 50257 tokens.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (b, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already >= p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    cdf = logits.softmax(dim=-1).cumsum(dim=-1)  # (b, V)
+    u = torch.rand(cdf.size(0), 1, device=cdf.device, generator=generator) * cdf[:, -1:]  # (b, 1)
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1).squeeze(1)
+
+
+# -----------------------------------------------------------------------------
+# Scalar heads: reward model and critic
+
+
+class ValueModel(nn.Module):
+    """GPT-2 backbone + linear head giving one scalar per position: the PPO critic's V(s_t)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = GPT(config)
+        self.head = nn.Linear(config.n_embd, 1)
+        # Small init so initial scores are near 0 whatever the backbone (Stiennon et al. 2020).
+        nn.init.normal_(self.head.weight, std=1 / math.sqrt(config.n_embd + 1))
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, idx, attention_mask=None):
+        """(B, T) ids -> (B, T) values."""
+        return self.head(self.backbone(idx, attention_mask)).squeeze(-1).float()
+
+
+class RewardModel(ValueModel):
+    """The reward model: the head read at the last real token of each sequence (its EOS)."""
+
+    def score(self, idx, attention_mask):
+        """(B, T) ids with left or right padding -> (B,) rewards."""
+        h = self.backbone(idx, attention_mask)  # (B, T, C)
+        last = last_token_index(attention_mask)  # (B,)
+        h_last = h[torch.arange(idx.size(0), device=idx.device), last]  # (B, C)
+        return self.head(h_last).squeeze(-1).float()
+
+
+def last_token_index(attention_mask):
+    """Column of the last 1 in each row of a (B, T) mask, for left and right padding alike."""
+    cols = torch.arange(attention_mask.size(1), device=attention_mask.device)
+    return (attention_mask.long() * (cols + 1)).argmax(dim=-1)
+
+
+# -----------------------------------------------------------------------------
+# LoRA helpers
+
+
+def mark_only_lora_trainable(model: nn.Module, also: Sequence[str] = ()):
+    """Freeze everything but the LoRA adapters and the parameters whose name starts with a prefix
+    in `also` (e.g. ('head',) keeps a reward model's head trainable, as it must be)."""
+    lora.mark_only_lora_as_trainable(model)
+    for name, p in model.named_parameters():
+        if any(name.startswith(prefix) for prefix in also):
+            p.requires_grad = True
+
+
+def _lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, lora.LoRALayer) and m.r > 0]
+
+
+def merge_lora(model: nn.Module):
+    """Fold B A into W in place (faster inference; training the adapters needs unmerge_lora)."""
+    for m in _lora_layers(model):
+        mode = m.training
+        m.merge_weights = True
+        m.train(False)  # loralib merges on the switch to eval mode
+        m.merge_weights = False
+        nn.Module.train(m, mode)
+
+
+def unmerge_lora(model: nn.Module):
+    """Undo merge_lora (W - B A: equal to the original W up to rounding)."""
+    for m in _lora_layers(model):
+        mode = m.training
+        m.merge_weights = True
+        m.train(True)  # loralib un-merges on the switch to train mode
+        m.merge_weights = False
+        nn.Module.train(m, mode)
+
+
+@contextmanager
+def lora_disabled(model: nn.Module):
+    """Run the frozen base weights only: the PPO reference policy is the actor minus its adapters,
+    so no second copy of the model is needed. loralib skips the adapter branch of a layer marked
+    merged; we set that flag for the duration (adapters must not really be merged)."""
+    layers = _lora_layers(model)
+    if any(m.merged for m in layers):
+        raise RuntimeError("lora_disabled needs un-merged adapters")
+    for m in layers:
+        m.merged = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.merged = False
