@@ -17,13 +17,32 @@ class UserError(Exception):
     """Bad input from the user: reported as one line on stderr, exit code 2."""
 
 
+class TrainingError(Exception):
+    """Training cannot go on (e.g. the loss became NaN): one line on stderr, exit code 1."""
+
+
+def flush_denormals():
+    """Treat denormal floats as zero on the CPU.
+
+    Adam's second moments for rarely updated rows (most of a 50257-word embedding) decay into
+    denormal numbers, which make CPU arithmetic ~20x slower (a tiny PPO run: 270 s instead of 16 s).
+    The setting is per thread and inherited only by threads created later, so call this before
+    torch starts its thread pool: first thing in a CLI (run_cli does) or a test session.
+    """
+    torch.set_flush_denormal(True)
+
+
 def run_cli(main):
-    """Run `main()` and turn a UserError into one line on stderr and exit code 2."""
+    """Run `main()`; a UserError becomes one line on stderr and exit code 2, a TrainingError exit 1."""
+    flush_denormals()
     try:
         code = main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingError as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

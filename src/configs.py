@@ -4,7 +4,7 @@ Every field has a default and a one-line comment; that comment is its documentat
 Presets are named like the original project's (`gpt2-medium/lora`): a base shape, optionally
 followed by `/lora` (LoRA adapters, backbone frozen) or `/dropout` (GPT-2's 0.1 dropout).
 """
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
 from common import UserError
@@ -68,6 +68,8 @@ _BASES = {
     "tiny": ModelConfig(n_layer=4, n_head=4, n_embd=128, block_size=256),
     # ~17M parameters: deeper and wider than tiny, still trainable on a laptop CPU.
     "mini": ModelConfig(n_layer=6, n_head=8, n_embd=256, block_size=512),
+    # ~3.3M parameters, for tests and smoke runs.
+    "nano": ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=128),
 }
 _VARIANTS = {
     "": {},
@@ -83,3 +85,78 @@ def get_preset(name: str, **overrides) -> ModelConfig:
         raise UserError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     return replace(PRESETS[name], **overrides)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping shared by SFT, RM and PPO."""
+
+    batch_size: int = 8  # sequences per micro-batch on each process (-b)
+    grad_accum: int = 1  # micro-batches per optimizer step (effective batch = b * accum * processes)
+    lr: float = 1e-4  # peak learning rate
+    schedule: str = "cosine"  # lr decay after warmup: cosine | linear | constant
+    warmup_steps: int = 50  # linear warmup from 0 to lr
+    min_lr_ratio: float = 0.1  # decay ends at lr * min_lr_ratio
+    weight_decay: float = 0.0  # AdamW decoupled weight decay on matrices (not biases / LayerNorms)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2 (GPT-3; the original used 0.9)
+    adam_eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # max global gradient norm, applied after backward (0 = off)
+    epochs: float = 1.0  # passes over the training data (ignored when max_steps is set)
+    max_steps: Optional[int] = None  # optimizer steps; overrides epochs
+    eval_every: int = 100  # evaluate on the held-out split every N steps (0 = only at the end)
+    eval_batches: Optional[int] = None  # limit evaluation to N batches (None = whole split)
+    save_every: int = 500  # write a resumable checkpoint every N steps (0 = only at the end)
+    keep_last: int = 2  # resumable checkpoints kept
+    log_every: int = 10  # metrics.jsonl / wandb every N steps
+    seed: int = 0  # seeds init, data order, dropout and sampling
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (CUDA + GradScaler)
+    compile: bool = False  # torch.compile the model
+    wandb: bool = False  # log to Weights & Biases as well (respects WANDB_MODE=offline)
+    wandb_project: str = "minchatgpt"  # W&B project name
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise UserError(f"unknown schedule {self.schedule!r}; use cosine, linear or constant")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PPOConfig:
+    """PPO for language models; RLHF_DETAILS.md item numbers in brackets."""
+
+    rollout_batch_size: int = 32  # prompts per rollout on each process
+    minibatch_size: int = 8  # sequences per PPO minibatch (must divide rollout_batch_size)
+    ppo_epochs: int = 4  # passes over each rollout batch [16]
+    max_new_tokens: int = 128  # response budget; responses without EOS by then are penalised [9]
+    temperature: float = 1.0  # rollout sampling temperature; every log-prob uses it too [8]
+    kl_coef: float = 0.05  # beta in r_t = -beta * KL_t (initial value when adaptive) [11, 12]
+    target_kl: Optional[float] = None  # adaptive beta towards this KL per sequence (None = fixed) [12]
+    kl_horizon: int = 10000  # adaptive controller horizon, in samples [12]
+    gamma: float = 1.0  # GAE discount [15]
+    lam: float = 0.95  # GAE lambda [15]
+    cliprange: float = 0.2  # policy ratio clip epsilon [16]
+    cliprange_value: float = 0.2  # value clip around the rollout's values [16]
+    actor_lr: float = 1e-5  # actor learning rate (warmup + decay from TrainConfig) [18]
+    critic_lr: float = 1e-5  # critic learning rate [18]
+    missing_eos_penalty: Optional[float] = -1.0  # score of a response with no EOS (None = score it) [9]
+    normalize_reward: bool = True  # gain/bias fitted on the first rollout (SFT samples): mean 0, std 1 [6]
+    reward_clip: Optional[float] = None  # clip (normalised) scores to +-reward_clip [13]
+    whiten_rewards: bool = False  # whiten per-token rewards over the batch, keeping their mean [13]
+    eval_samples: int = 64  # held-out prompts scored at every evaluation
+
+    def __post_init__(self):
+        if self.rollout_batch_size % self.minibatch_size:
+            raise UserError(f"--minibatch-size {self.minibatch_size} must divide "
+                            f"--rollout-batch-size {self.rollout_batch_size}")
+        if self.target_kl is not None and self.target_kl <= 0:
+            raise UserError("--target-kl must be positive")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -36,6 +36,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from typing import List, Optional, Tuple
 
 import datasets
@@ -46,6 +47,7 @@ from torch.nn.utils.rnn import pad_sequence
 from common import UserError, is_interactive
 from configs import EOS_ID
 
+SYNTHETIC = "synthetic:"  # prefix of the built-in task's files, e.g. synthetic:sft
 HUMAN = "\n\nHuman:"
 ASSISTANT = "\n\nAssistant:"
 PARTS = {"sft": 0.4, "rm": 0.4, "ppo": 0.2}  # share of prompts in each part; see "How the data is split"
@@ -65,8 +67,11 @@ SCHEMAS = {
 
 def load_rows(source, split: str = "train") -> datasets.Dataset:
     """Rows of a local file or directory, or of a hub dataset (see the module docstring). A path that
-    exists is always read locally; `owner/name` that does not exist locally goes to the hub."""
+    exists is always read locally; `owner/name` that does not exist locally goes to the hub;
+    `synthetic:NAME` is a file of the built-in synthetic task (`synthetic_path`)."""
     source = os.fspath(source)
+    if source.startswith(SYNTHETIC):
+        source = synthetic_path(source)
     if os.path.isdir(source):
         if any(os.path.exists(os.path.join(source, f)) for f in ("dataset_dict.json", "state.json")):
             return _load_saved(source, split)
@@ -76,6 +81,29 @@ def load_rows(source, split: str = "train") -> datasets.Dataset:
     if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?", source) and not _builder(source, strict=False):
         return _load_hub(source, split)
     raise UserError(f"file not found: {source}")
+
+
+def synthetic_path(source: str) -> str:
+    """`synthetic:NAME` -> the path of file NAME (sft, rm_train, rm_test, ppo_prompts, eval_prompts) of
+    the synthetic task (src/task.py) with its default seed and sizes. The files are generated once
+    into $MINCHATGPT_CACHE (default ~/.cache/minchatgpt) under a name that changes with task.py's
+    source, so an edit to the task never reads stale data."""
+    import task
+    name = source[len(SYNTHETIC):]
+    if name not in task.SPLITS:
+        raise UserError(f"unknown synthetic file {name!r}; known: {', '.join(task.SPLITS)}")
+    with open(task.__file__, "rb") as f:
+        version = hashlib.sha256(f.read()).hexdigest()[:12]
+    root = os.environ.get("MINCHATGPT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "minchatgpt")
+    out = os.path.join(root, f"synthetic-{version}")
+    if not os.path.isdir(out):
+        tmp = f"{out}.tmp{os.getpid()}"
+        task.write_task_data(tmp)
+        try:
+            os.rename(tmp, out)  # the directory is complete or absent
+        except OSError:  # another process made it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return os.path.join(out, name + ".jsonl")
 
 
 def _builder(path: str, strict: bool = True) -> Optional[str]:

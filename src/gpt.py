@@ -225,28 +225,11 @@ class GPT(nn.Module):
         return self.lm_head(self(idx, attention_mask))
 
     def token_logprobs(self, idx, attention_mask, start: int, temperature: float = 1.0,
-                       with_entropy: bool = False, chunk_rows: int = 4096):
-        """log pi(idx[:, t] | idx[:, :t]) / temperature-scaled, for t in [start, T): (B, T - start).
-
-        With temperature T the policy is softmax(logits / T), the distribution sampled from;
-        old, new and reference log-probs must all use the same T (RLHF_DETAILS item 8).
-        Logits are made `chunk_rows` positions at a time: a (B*T, 50257) fp32 tensor is large.
-        Returns (logprobs, entropy or None).
-        """
+                       with_entropy: bool = False):
+        """log pi(idx[:, t] | idx[:, :t]) for t in [start, T): (B, T - start), and the entropies of
+        those next-token distributions if asked. See `logprobs_from_hidden`."""
         h = self(idx, attention_mask)[:, start - 1:-1]  # (B, Tr, C): position t-1 predicts t
-        targets = idx[:, start:]  # (B, Tr)
-        B, Tr, C = h.shape
-        h, targets = h.reshape(B * Tr, C), targets.reshape(B * Tr)
-        logps, ents = [], []
-        for i in range(0, B * Tr, chunk_rows):
-            logits = self.lm_head(h[i:i + chunk_rows]).float() / temperature  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            logps.append(logits.gather(-1, targets[i:i + chunk_rows, None]).squeeze(-1) - lse)
-            if with_entropy:
-                with torch.no_grad():
-                    ents.append(lse - (F.softmax(logits, dim=-1) * logits).sum(-1))
-        logp = torch.cat(logps).view(B, Tr)
-        return logp, (torch.cat(ents).view(B, Tr) if with_entropy else None)
+        return logprobs_from_hidden(self.lm_head, h, idx[:, start:], temperature, with_entropy)
 
     @torch.no_grad()
     def generate(
@@ -276,7 +259,8 @@ class GPT(nn.Module):
         if prompt_mask is None:
             prompt_mask = torch.ones_like(prompt_ids)
         if Tp + max_new_tokens > self.config.block_size:
-            raise ValueError(f"prompt of {Tp} tokens + {max_new_tokens} new exceeds block_size {self.config.block_size}")
+            raise ValueError(f"prompt of {Tp} tokens + {max_new_tokens} new tokens exceeds block_size "
+                             f"{self.config.block_size}")
         if stop_strings and tokenizer is None:
             raise ValueError("stop_strings needs a tokenizer to read the text")
         stop_window = max((len(s.encode()) for s in stop_strings), default=0) + 1  # tokens >= 1 byte
@@ -387,6 +371,7 @@ _HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 def load_hf_gpt2(name_or_dir: str):
     """transformers' GPT2LMHeadModel from a hub name or local dir, with a one-line error on failure."""
     import os
+
     from transformers import GPT2LMHeadModel
     try:
         return GPT2LMHeadModel.from_pretrained(name_or_dir, dtype=torch.float32)
@@ -409,6 +394,29 @@ def hf_tokenizer():
     tok = GPT2TokenizerFast(vocab=vocab, merges=merges)
     assert len(tok) == 50257, f"reference tokenizer has {len(tok)} entries, not 50257"
     return tok
+
+
+def logprobs_from_hidden(lm_head, h, targets, temperature: float = 1.0, with_entropy: bool = False,
+                         chunk_rows: int = 4096):
+    """Log-probs of `targets` (B, Tr) under softmax(lm_head(h) / temperature), h (B, Tr, C).
+
+    With temperature T the policy is softmax(logits / T), the distribution sampled from; old, new
+    and reference log-probs must all use the same T (RLHF_DETAILS item 8). Logits are made
+    `chunk_rows` positions at a time: a (B*Tr, 50257) fp32 tensor is large.
+    Returns (logprobs (B, Tr), entropy (B, Tr) or None); the entropy carries no gradient.
+    """
+    B, Tr, C = h.shape
+    h, targets = h.reshape(B * Tr, C), targets.reshape(B * Tr)
+    logps, ents = [], []
+    for i in range(0, B * Tr, chunk_rows):
+        logits = lm_head(h[i:i + chunk_rows]).float() / temperature  # (n, V)
+        lse = torch.logsumexp(logits, dim=-1)  # (n,)
+        logps.append(logits.gather(-1, targets[i:i + chunk_rows, None]).squeeze(-1) - lse)
+        if with_entropy:
+            with torch.no_grad():
+                ents.append(lse - (F.softmax(logits, dim=-1) * logits).sum(-1))
+    logp = torch.cat(logps).view(B, Tr)
+    return logp, (torch.cat(ents).view(B, Tr) if with_entropy else None)
 
 
 def sample_from_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -460,16 +468,14 @@ class RewardModel(ValueModel):
 
     def score(self, idx, attention_mask):
         """(B, T) ids with left or right padding -> (B,) rewards."""
-        h = self.backbone(idx, attention_mask)  # (B, T, C)
-        last = last_token_index(attention_mask)  # (B,)
-        h_last = h[torch.arange(idx.size(0), device=idx.device), last]  # (B, C)
-        return self.head(h_last).squeeze(-1).float()
+        return gather_last(self(idx, attention_mask), attention_mask)
 
 
-def last_token_index(attention_mask):
-    """Column of the last 1 in each row of a (B, T) mask, for left and right padding alike."""
+def gather_last(values, attention_mask):
+    """values (B, T) read at the last real token of each row (left or right padding): (B,)."""
     cols = torch.arange(attention_mask.size(1), device=attention_mask.device)
-    return (attention_mask.long() * (cols + 1)).argmax(dim=-1)
+    last = (attention_mask.long() * (cols + 1)).argmax(dim=-1)  # (B,) column of the last 1
+    return values[torch.arange(values.size(0), device=values.device), last]
 
 
 # -----------------------------------------------------------------------------

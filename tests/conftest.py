@@ -9,6 +9,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SRC = os.path.join(ROOT, "src")
 
+# Before any parallel op starts torch's thread pool (see common.flush_denormals).
+torch.set_flush_denormal(True)
 # Two cores: keep torch from oversubscribing them when tests start subprocesses.
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -12,8 +12,21 @@ import pytest
 import torch
 
 from common import UserError
-from dataset import (PARTS, PreferenceDataset, PromptDataset, SFTDataset, collate_preference, collate_prompts,
-                     collate_sft, format_prompt, load_prompts, load_rows, part_of, shard_batches, split_transcript)
+from dataset import (
+    PARTS,
+    PreferenceDataset,
+    PromptDataset,
+    SFTDataset,
+    collate_preference,
+    collate_prompts,
+    collate_sft,
+    format_prompt,
+    load_prompts,
+    load_rows,
+    part_of,
+    shard_batches,
+    split_transcript,
+)
 from tokenizer import get_tokenizer
 
 H, A = "\n\nHuman:", "\n\nAssistant:"

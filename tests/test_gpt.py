@@ -3,13 +3,22 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import randomize_
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from common import UserError
 from configs import ModelConfig, get_preset
-from conftest import randomize_
-from gpt import GPT, RewardModel, ValueModel, lora_disabled, mark_only_lora_trainable, merge_lora, \
-    sample_from_logits, unmerge_lora
+from gpt import (
+    GPT,
+    RewardModel,
+    ValueModel,
+    logprobs_from_hidden,
+    lora_disabled,
+    mark_only_lora_trainable,
+    merge_lora,
+    sample_from_logits,
+    unmerge_lora,
+)
 from tokenizer import get_tokenizer
 
 
@@ -241,7 +250,9 @@ def test_token_logprobs_and_temperature(tiny_config):
         logits = model.logits(ids)
         for T in (1.0, 0.7):
             want = torch.log_softmax(logits[:, 3:-1] / T, -1).gather(-1, ids[:, 4:, None]).squeeze(-1)
-            got, ent = model.token_logprobs(ids, None, start=4, temperature=T, with_entropy=True, chunk_rows=5)
+            h = model(ids)[:, 3:-1]
+            got, ent = logprobs_from_hidden(model.lm_head, h, ids[:, 4:], T, with_entropy=True, chunk_rows=5)
+            torch.testing.assert_close(model.token_logprobs(ids, None, 4, T)[0], got)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
             p = torch.softmax(logits[:, 3:-1] / T, -1)
             torch.testing.assert_close(ent, -(p * p.log()).sum(-1), atol=1e-4, rtol=0)

@@ -5,8 +5,8 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import SRC
+
 from tokenizer import get_tokenizer
 
 TEXTS = [

@@ -1,0 +1,710 @@
+"""One training loop for SFT, reward modelling and PPO; the stages differ only in their step.
+
+`Trainer` owns everything the three have in common: devices, data-parallel processes (DDP),
+mixed precision, AdamW with warmup + decay, gradient accumulation and clipping, the data order,
+periodic evaluation, logging (tqdm, metrics.jsonl, wandb), atomic checkpoints and exact resume.
+A `Stage` says what a step is: `SFTStage` and `RMStage` turn a micro-batch into a loss; `PPOStage`
+overrides the whole step, since one rollout feeds many optimizer steps.
+"""
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from checkpoints import (
+    latest_checkpoint,
+    load_training_checkpoint,
+    rng_state,
+    save_model,
+    save_training_checkpoint,
+    set_rng_state,
+)
+from common import (
+    TrainingError,
+    UserError,
+    autocast,
+    default_precision,
+    flush_denormals,
+    is_interactive,
+    resolve_device,
+    write_json_atomic,
+)
+from configs import EOS_ID, TrainConfig
+from dataset import shard_batches
+from gpt import Generation, gather_last, logprobs_from_hidden, lora_disabled
+from loss import (
+    explained_variance,
+    gae,
+    kl_estimates,
+    kwise_loss,
+    lm_loss,
+    masked_mean,
+    masked_sum,
+    masked_whiten,
+    pairwise_accuracy,
+    pairwise_loss,
+    policy_loss,
+    shaped_rewards,
+    value_loss,
+)
+
+# -----------------------------------------------------------------------------
+# Processes
+
+
+class Dist:
+    """This process's place in a torchrun launch (a single process when not launched so)."""
+
+    def __init__(self):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.is_main = self.rank == 0
+
+    @property
+    def enabled(self):
+        return self.world_size > 1
+
+    def init(self, device: torch.device):
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+    def barrier(self):
+        if self.enabled:
+            dist.barrier()
+
+    def broadcast(self, obj):
+        """rank 0's `obj` on every rank."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, on every rank."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def mean(self, value: float) -> float:
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.item() / self.world_size
+
+
+def process_device(name: str, d: Dist) -> torch.device:
+    device = resolve_device(name)
+    if device.type == "cuda" and d.enabled:
+        device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+# -----------------------------------------------------------------------------
+# Logging
+
+
+class MetricsLog:
+    """metrics.jsonl (always), wandb (when asked), on the main process only."""
+
+    def __init__(self, run_dir: str, enabled: bool, wandb_run=None, resume_step: Optional[int] = None):
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.enabled = enabled
+        self.wandb = wandb_run
+        if enabled and resume_step is not None and os.path.exists(self.path):
+            # Drop what was logged after the checkpoint we resume from: it will be logged again.
+            with open(self.path) as f:
+                keep = [line for line in f if json.loads(line).get("step", 0) <= resume_step]
+            with open(self.path, "w") as f:
+                f.writelines(keep)
+
+    def log(self, step: int, metrics: dict):
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(row, step=step)
+
+
+def _plain(v):
+    return v.item() if isinstance(v, torch.Tensor) else v
+
+
+def start_wandb(cfg: TrainConfig, run_dir: str, config: dict, run_id: Optional[str]):
+    import wandb
+    return wandb.init(project=cfg.wandb_project, name=os.path.basename(run_dir), dir=run_dir, config=config,
+                      id=run_id, resume="allow")
+
+
+# -----------------------------------------------------------------------------
+# Stages
+
+
+class Stage:
+    """What varies between SFT, RM and PPO.
+
+    `models`: name -> module, all saved with the run ('model' is the one later stages load);
+    `frozen`: modules used but never trained (a reference policy, a reward model).
+    """
+
+    name = "stage"
+    models: Dict[str, torch.nn.Module]
+    frozen: Dict[str, torch.nn.Module] = {}
+    lrs: Dict[str, float] = {}  # per-model learning rates (default: TrainConfig.lr)
+    optimizer_steps_per_batch = 1  # PPO takes many per rollout batch
+
+    def loss(self, trainer: "Trainer", batch: dict):
+        """-> (scalar loss, metrics dict) for one micro-batch."""
+        raise NotImplementedError
+
+    def extra_state(self) -> dict:
+        """Stage state besides weights and optimizers that a resume needs (JSON-serialisable)."""
+        return {}
+
+    def load_extra_state(self, state: dict):
+        pass
+
+    def train_step(self, trainer: "Trainer", micro_batches: List[dict]) -> dict:
+        """Default step: accumulate the loss of each micro-batch, then one optimizer step."""
+        sums: Dict[str, float] = {}
+        for i, batch in enumerate(micro_batches):
+            sync = i == len(micro_batches) - 1  # DDP all-reduces gradients on the last one only
+            with trainer.no_sync(sync):
+                loss, metrics = self.loss(trainer, batch)
+                trainer.check_finite(loss, "loss")
+                trainer.backward(loss / len(micro_batches))
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + _plain(v) / len(micro_batches)
+        sums["grad_norm"] = trainer.optimizer_step("model")
+        return sums
+
+    @torch.no_grad()
+    def evaluate(self, trainer: "Trainer", batches) -> dict:
+        return {}
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class SFTStage(Stage):
+    """Next-token cross-entropy on response tokens (or whole sequences, per the dataset's mask)."""
+
+    name = "sft"
+
+    def __init__(self, model):
+        self.models = {"model": model}
+
+    def loss(self, trainer, batch):
+        batch = _to(batch, trainer.device)
+        with trainer.autocast():
+            # Right padding: pads come after every real token, so causal attention alone keeps them
+            # out of real positions (and takes SDPA's fast causal path). Pads carry no loss.
+            h = trainer.wrapped["model"](batch["input_ids"])  # (B, T, C)
+            loss, n = lm_loss(trainer.raw("model").lm_head, h, batch["input_ids"], batch["loss_mask"])
+        return loss, {"loss": loss.detach(), "tokens": n}
+
+    @torch.no_grad()
+    def evaluate(self, trainer, batches):
+        total, count = 0.0, 0
+        for batch in batches:
+            loss, metrics = self.loss(trainer, batch)
+            total += loss.item() * metrics["tokens"]
+            count += metrics["tokens"]
+        if count == 0:
+            return {}
+        return {"loss": total / count, "ppl": math.exp(min(total / count, 50.0)), "tokens": count}
+
+
+class RMStage(Stage):
+    """Pairwise ranking loss -log sigmoid(r_chosen - r_rejected) on the score of each sequence's
+    last token (its EOS); K-wise rankings use every pair once."""
+
+    name = "rm"
+
+    def __init__(self, model):
+        self.models = {"model": model}
+
+    def scores(self, trainer, ids, mask):
+        with trainer.autocast():
+            values = trainer.wrapped["model"](ids)  # (N, T) right padded: causal mask suffices
+        return gather_last(values, mask)  # (N,)
+
+    def rewards(self, trainer, batch):
+        """-> (loss, r_chosen, r_rejected); for K-wise rankings the pairs are neighbours in the ranking."""
+        batch = _to(batch, trainer.device)
+        if "ranked_ids" in batch:  # K-wise: (B, K, T), best response first
+            B, K, T = batch["ranked_ids"].shape
+            r = self.scores(trainer, batch["ranked_ids"].view(B * K, T), batch["ranked_mask"].view(B * K, T))
+            r = r.view(B, K)
+            return kwise_loss(r), r[:, :-1].reshape(-1), r[:, 1:].reshape(-1)
+        ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])  # (2B, T): one forward for both
+        mask = torch.cat([batch["chosen_mask"], batch["rejected_mask"]])
+        r_c, r_r = self.scores(trainer, ids, mask).chunk(2)
+        return pairwise_loss(r_c, r_r), r_c, r_r
+
+    def loss(self, trainer, batch):
+        loss, r_c, r_r = self.rewards(trainer, batch)
+        return loss, {"loss": loss.detach(), "accuracy": pairwise_accuracy(r_c, r_r),
+                      "margin": (r_c - r_r).mean().detach()}
+
+    @torch.no_grad()
+    def evaluate(self, trainer, batches):
+        """Held-out loss, accuracy, margin, and the raw scale of the scores (mean, std)."""
+        losses, chosen, rejected = [], [], []
+        for batch in batches:
+            loss, r_c, r_r = self.rewards(trainer, batch)
+            losses.append(loss.item() * r_c.numel())
+            chosen.append(r_c)
+            rejected.append(r_r)
+        if not chosen:
+            return {}
+        r_c, r_r = torch.cat(chosen), torch.cat(rejected)
+        scores = torch.cat([r_c, r_r])
+        return {"loss": sum(losses) / r_c.numel(), "accuracy": pairwise_accuracy(r_c, r_r).item(),
+                "margin": (r_c - r_r).mean().item(), "pairs": r_c.numel(),
+                "score_mean": scores.mean().item(), "score_std": scores.std().item()}
+
+
+# -----------------------------------------------------------------------------
+# The loop
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int):
+    """Linear warmup to 1, then cosine / linear decay to min_lr_ratio (or constant)."""
+    def f(step):
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+    return f
+
+
+class Trainer:
+    def __init__(self, stage: Stage, cfg: TrainConfig, run_dir: str, train_set, collate, eval_set=None,
+                 preset: Optional[str] = None, config_record: Optional[dict] = None, dist_info: Optional[Dist] = None):
+        self.stage, self.cfg, self.run_dir = stage, cfg, run_dir
+        self.train_set, self.eval_set, self.collate = train_set, eval_set, collate
+        self.preset = preset
+        self.dist = dist_info or Dist()
+        self.device = process_device(cfg.device, self.dist)
+        flush_denormals()
+        self.dist.init(self.device)
+        self.precision = default_precision(self.device) if cfg.precision == "auto" else cfg.precision
+        autocast(self.device, self.precision)  # validates the choice early (fp16 on CPU is refused)
+        self.config_record = config_record or {}
+
+        for m in list(stage.models.values()) + list(stage.frozen.values()):
+            m.to(self.device)
+        for m in stage.frozen.values():
+            m.eval().requires_grad_(False)
+        self.wrapped = {}
+        self.optimizers, self.schedulers = {}, {}
+        n_batches = len(shard_batches(len(train_set), cfg.batch_size, epoch=0, seed=cfg.seed,
+                                      rank=self.dist.rank, world_size=self.dist.world_size))
+        if n_batches < cfg.grad_accum:
+            raise UserError(f"{len(train_set)} training examples make {n_batches} batches of {cfg.batch_size} "
+                            f"per process: fewer than one optimizer step; lower -b or add data")
+        self.total_steps = cfg.max_steps or max(1, int(cfg.epochs * n_batches // cfg.grad_accum))
+        for name, model in stage.models.items():
+            model.train()
+            self.wrapped[name] = self._wrap(model)
+            params = [p for p in model.parameters() if p.requires_grad]
+            if not params:
+                continue
+            decay = [p for p in params if p.dim() >= 2]
+            no_decay = [p for p in params if p.dim() < 2]
+            self.optimizers[name] = torch.optim.AdamW(
+                [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                lr=stage.lrs.get(name, cfg.lr), betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                fused=self.device.type == "cuda")
+            opt_steps = self.total_steps * stage.optimizer_steps_per_batch
+            self.schedulers[name] = torch.optim.lr_scheduler.LambdaLR(self.optimizers[name], lr_lambda(cfg, opt_steps))
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        self.step = 0
+        self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+
+    # --- helpers for stages ---
+
+    def _wrap(self, model):
+        if self.cfg.compile:
+            model = torch.compile(model)
+        if self.dist.enabled and any(p.requires_grad for p in model.parameters()):
+            return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                       broadcast_buffers=False)
+        return model
+
+    def raw(self, name):
+        return self.stage.models[name]
+
+    def autocast(self):
+        return autocast(self.device, self.precision)
+
+    def no_sync(self, sync: bool):
+        contexts = [m.no_sync() for m in self.wrapped.values() if isinstance(m, DDP)] if not sync else []
+        if not contexts:
+            return nullcontext()
+        from contextlib import ExitStack
+        stack = ExitStack()
+        for c in contexts:
+            stack.enter_context(c)
+        return stack
+
+    def backward(self, loss):
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def optimizer_step(self, name: str) -> float:
+        """Unscale (fp16), clip the gradient norm, step, zero the gradients, advance the schedule.
+        Returns the gradient norm before clipping."""
+        opt = self.optimizers[name]
+        params = [p for g in opt.param_groups for p in g["params"]]
+        if self.scaler:
+            self.scaler.unscale_(opt)
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if self.scaler:
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        self.schedulers[name].step()
+        return norm.item()
+
+    def check_finite(self, value: torch.Tensor, what: str):
+        if not torch.isfinite(value).all():
+            last = latest_checkpoint(self.run_dir)
+            keep = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+            raise TrainingError(f"{what} became {value.item()} at step {self.step + 1}; {keep}. "
+                                f"Try a lower --lr or fp32 precision.")
+
+    # --- data ---
+
+    def _epoch_batches(self, epoch: int):
+        return shard_batches(len(self.train_set), self.cfg.batch_size, epoch=epoch, seed=self.cfg.seed,
+                             rank=self.dist.rank, world_size=self.dist.world_size)
+
+    def _train_batches(self):
+        """Yield micro-batches forever, from the saved data position on; keeps self.state current."""
+        epoch, start = self.state["epoch"], self.state["batch_in_epoch"]
+        while True:
+            batches = self._epoch_batches(epoch)
+            for i in range(start, len(batches)):
+                self.state["epoch"], self.state["batch_in_epoch"] = epoch, i + 1
+                yield self.collate([self.train_set[j] for j in batches[i]])
+            epoch, start = epoch + 1, 0
+            self.state["epoch"], self.state["batch_in_epoch"] = epoch, 0
+
+    def _eval_batches(self):
+        n = len(self.eval_set)
+        bs = self.cfg.batch_size
+        limit = self.cfg.eval_batches or math.ceil(n / bs)
+        for i in range(0, min(n, limit * bs), bs):
+            yield self.collate([self.eval_set[j] for j in range(i, min(n, i + bs))])
+
+    # --- the loop ---
+
+    def evaluate(self) -> dict:
+        """Held-out metrics, computed on the main process while the others wait."""
+        metrics = {}
+        if self.eval_set is not None and self.dist.is_main:
+            wrapped, self.wrapped = self.wrapped, dict(self.stage.models)  # plain modules: no DDP collectives
+            for m in self.stage.models.values():
+                m.eval()
+            try:
+                metrics = {f"eval/{k}": v for k, v in self.stage.evaluate(self, self._eval_batches()).items()}
+            finally:
+                self.wrapped = wrapped
+                for m in self.stage.models.values():
+                    m.train()
+        self.dist.barrier()
+        return metrics
+
+    def save(self):
+        rngs = self.dist.gather(rng_state())  # every process's generators: dropout and sampling differ
+        if self.dist.is_main:
+            save_training_checkpoint(
+                self.run_dir, self.step, self.stage.models, self.stage.name, self.preset, self.optimizers,
+                self.schedulers, {**self.state, "step": self.step, "stage": self.stage.extra_state()}, rngs,
+                self.cfg.keep_last)
+        self.dist.barrier()
+
+    def resume(self, ckpt_dir: str):
+        self.state, rngs = load_training_checkpoint(ckpt_dir, self.stage.models, self.optimizers, self.schedulers)
+        self.step = self.state["step"]
+        self.stage.load_extra_state(self.state.pop("stage", {}))
+        if len(rngs) != self.dist.world_size:
+            raise UserError(f"{ckpt_dir} was written by {len(rngs)} processes; resume it with as many")
+        set_rng_state(rngs[self.dist.rank])
+
+    def fit(self, resume: bool = False) -> dict:
+        cfg, is_main = self.cfg, self.dist.is_main
+        resume_step = None
+        if resume:
+            ckpt = latest_checkpoint(self.run_dir)
+            if ckpt is None:
+                raise UserError(f"{self.run_dir} has no complete checkpoint to resume from")
+            self.resume(ckpt)
+            resume_step = self.step
+        if is_main:
+            write_json_atomic(os.path.join(self.run_dir, "config.json"), self.config_record)
+        wandb_run = None
+        if cfg.wandb and is_main:
+            self.state.setdefault("wandb_id", None)
+            wandb_run = start_wandb(cfg, self.run_dir, self.config_record, self.state["wandb_id"])
+            self.state["wandb_id"] = wandb_run.id
+        log = MetricsLog(self.run_dir, is_main, wandb_run, resume_step)
+        bar = None
+        if is_main and is_interactive():
+            from tqdm import tqdm
+            bar = tqdm(total=self.total_steps, initial=self.step, desc=self.stage.name, dynamic_ncols=True)
+
+        batches = self._train_batches()
+        t0, elapsed0 = time.time(), self.state.get("elapsed", 0.0)
+        last: dict = {}
+        try:
+            while self.step < self.total_steps:
+                micro = [next(batches) for _ in range(cfg.grad_accum)]
+                metrics = self.stage.train_step(self, micro)
+                self.step += 1
+                self.state["elapsed"] = elapsed0 + time.time() - t0
+                if bar:
+                    bar.update(1)
+                    bar.set_postfix({k: f"{_plain(v):.4g}" for k, v in list(metrics.items())[:4]})
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    lrs = {f"lr/{k}": s.get_last_lr()[0] for k, s in self.schedulers.items()}
+                    last = {**metrics, **lrs, "epoch": self.state["epoch"], "elapsed_s": self.state["elapsed"]}
+                    log.log(self.step, last)
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+                    log.log(self.step, self.evaluate())
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                    self.save()
+        finally:
+            if bar:
+                bar.close()
+        final_eval = self.evaluate()
+        log.log(self.step, final_eval)
+        if is_main:
+            for name, model in self.stage.models.items():
+                save_model(model, os.path.join(self.run_dir, "final", *([] if name == "model" else [name])),
+                           self.stage.name, self.preset)
+            write_json_atomic(os.path.join(self.run_dir, "final", "config.json"), self.config_record)
+        if wandb_run is not None:
+            wandb_run.finish()
+        self.dist.barrier()
+        return {**last, **final_eval}
+
+
+
+# -----------------------------------------------------------------------------
+# PPO
+
+
+class PPOStage(Stage):
+    """PPO against a reward model with a per-token KL penalty to the reference (SFT) policy.
+
+    One trainer step = one rollout batch: sample responses, score them, compute old log-probs,
+    reference log-probs and values, shape rewards, GAE; then `ppo_epochs` passes of shuffled
+    minibatches, each one actor step and one critic step. Item numbers refer to RLHF_DETAILS.md.
+    """
+
+    name = "ppo"
+
+    def __init__(self, actor, critic, cfg, reward_model=None, reward_fn=None, ref=None, eval_scorers=None):
+        """`reward_model` (a RewardModel) or `reward_fn(generation) -> (B,) scores` gives the score.
+        `ref`: a frozen reference policy; None when the actor is LoRA (the reference is then the
+        actor with its adapters switched off). `eval_scorers`: extra name -> fn(generation) scores
+        reported at evaluation (e.g. the synthetic task's gold reward)."""
+        from gpt import GPT
+        if (reward_model is None) == (reward_fn is None):
+            raise ValueError("give exactly one of reward_model and reward_fn")
+        if ref is None and not actor.config.lora_rank:
+            raise ValueError("a full fine-tuned actor needs a separate frozen reference model")
+        assert isinstance(actor, GPT)
+        self.cfg = cfg
+        self.models = {"model": actor, "critic": critic}
+        self.frozen = {k: v for k, v in (("ref", ref), ("rm", reward_model)) if v is not None}
+        self.reward_fn = reward_fn
+        self.eval_scorers = eval_scorers or {}
+        self.lrs = {"model": cfg.actor_lr, "critic": cfg.critic_lr}
+        self.optimizer_steps_per_batch = cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.minibatch_size)
+        # Running state, saved with checkpoints.
+        self.kl_coef = cfg.kl_coef
+        self.score_gain, self.score_bias, self.norm_fitted = 1.0, 0.0, not cfg.normalize_reward
+
+    def extra_state(self) -> dict:
+        return {"kl_coef": self.kl_coef, "score_gain": self.score_gain, "score_bias": self.score_bias,
+                "norm_fitted": self.norm_fitted}
+
+    def load_extra_state(self, state: dict):
+        self.kl_coef, self.score_gain = state["kl_coef"], state["score_gain"]
+        self.score_bias, self.norm_fitted = state["score_bias"], state["norm_fitted"]
+
+    # --- forward passes ---
+
+    def logprobs(self, trainer, actor, seq, attn, Tp, with_entropy=False):
+        """Temperature-scaled log-probs of the response tokens seq[:, Tp:]: (b, Tn)."""
+        with trainer.autocast():
+            h = actor(seq, attn)[:, Tp - 1:-1]  # (b, Tn, C): position t-1 predicts token t
+            return logprobs_from_hidden(self.models["model"].lm_head, h, seq[:, Tp:], self.cfg.temperature,
+                                        with_entropy)
+
+    def ref_logprobs(self, trainer, seq, attn, Tp):
+        if "ref" in self.frozen:
+            return self.logprobs(trainer, self.frozen["ref"], seq, attn, Tp)[0]
+        with lora_disabled(self.models["model"]):
+            return self.logprobs(trainer, self.models["model"], seq, attn, Tp)[0]
+
+    def values(self, trainer, critic, seq, attn, Tp):
+        """V(s_t) for each response token t, read at the position before it: (b, Tn)."""
+        with trainer.autocast():
+            return critic(seq, attn)[:, Tp - 1:-1].float()
+
+    def raw_scores(self, trainer, gen: Generation):
+        if self.reward_fn is not None:
+            return self.reward_fn(gen).to(trainer.device).float()
+        with trainer.autocast():
+            return self.frozen["rm"].score(gen.tokens, gen.attention_mask).float()
+
+    def generate(self, trainer, batch, generator=None) -> Generation:
+        with trainer.autocast():
+            return self.models["model"].generate(
+                batch["input_ids"], batch["attention_mask"], max_new_tokens=self.cfg.max_new_tokens,
+                temperature=self.cfg.temperature, eos_id=EOS_ID, generator=generator)
+
+    def scores(self, trainer, gen: Generation):
+        """RM scores, normalised (gain/bias) and with the missing-EOS penalty [6, 9, 13].
+        Returns (scores, raw scores, ended)."""
+        Tp = gen.prompt_len
+        ended = ((gen.tokens[:, Tp:] == EOS_ID) & gen.response_mask[:, Tp:].bool()).any(dim=1)  # (B,)
+        raw = self.raw_scores(trainer, gen)
+        if not self.norm_fitted:  # first rollout: the SFT policy's own samples
+            samples = torch.cat([torch.as_tensor(x) for x in trainer.dist.gather(raw[ended].cpu())])
+            if samples.numel() >= 2:
+                std = samples.std().clamp(min=1e-6).item()
+                self.score_gain, self.score_bias = 1.0 / std, -samples.mean().item() / std
+            self.norm_fitted = True
+        scores = raw * self.score_gain + self.score_bias
+        if self.cfg.reward_clip is not None:
+            scores = scores.clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
+        if self.cfg.missing_eos_penalty is not None:
+            scores = torch.where(ended, scores, torch.full_like(scores, self.cfg.missing_eos_penalty))
+        return scores, raw, ended
+
+    # --- one rollout batch ---
+
+    def train_step(self, trainer, micro_batches):
+        (batch,) = micro_batches
+        cfg, actor, critic = self.cfg, self.models["model"], self.models["critic"]
+        batch = _to(batch, trainer.device)
+        t0 = time.time()
+        with torch.no_grad():
+            gen = self.generate(trainer, batch)
+            t_gen = time.time() - t0
+            seq, attn, Tp = gen.tokens, gen.attention_mask, gen.prompt_len
+            mask = gen.response_mask[:, Tp:].float()  # (B, Tn): 1 up to and including EOS
+            scores, raw, ended = self.scores(trainer, gen)
+            B = seq.size(0)
+            # Old log-probs, reference log-probs and values, in the same minibatches (same order,
+            # same shapes) as the first PPO minibatch pass: the first ratio is then exactly 1 [17].
+            first_perm = torch.randperm(B, device=seq.device)
+            old_logp, ref_logp, old_values = (torch.zeros_like(mask) for _ in range(3))
+            for mb in first_perm.split(cfg.minibatch_size):
+                old_logp[mb] = self.logprobs(trainer, actor, seq[mb], attn[mb], Tp)[0]
+                ref_logp[mb] = self.ref_logprobs(trainer, seq[mb], attn[mb], Tp)
+                old_values[mb] = self.values(trainer, critic, seq[mb], attn[mb], Tp)
+            kl_k1, kl_k3 = kl_estimates(old_logp, ref_logp)  # (B, Tn) each
+            rewards, non_score = shaped_rewards(scores, kl_k1, mask, self.kl_coef)  # [11]
+            if cfg.whiten_rewards:
+                rewards = masked_whiten(rewards, mask, shift_mean=False)
+            advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)  # [15]
+            advantages = masked_whiten(advantages, mask)
+        t1 = time.time()
+
+        stats: Dict[str, float] = {}
+        n_updates = 0
+        for epoch in range(cfg.ppo_epochs):
+            perm = first_perm if epoch == 0 else torch.randperm(B, device=seq.device)
+            for i, mb in enumerate(perm.split(cfg.minibatch_size)):
+                logp, entropy = self.logprobs(trainer, trainer.wrapped["model"], seq[mb], attn[mb], Tp,
+                                              with_entropy=True)
+                pg_loss, pg_stats = policy_loss(logp, old_logp[mb], advantages[mb], mask[mb], cfg.cliprange)
+                trainer.check_finite(pg_loss, "policy loss")
+                trainer.backward(pg_loss)
+                actor_norm = trainer.optimizer_step("model")
+                if epoch == 0 and i == 0:
+                    ratio = torch.exp(logp.detach() - old_logp[mb])
+                    stats["first_ratio_max_dev"] = ((ratio - 1).abs() * mask[mb]).max().item()
+                v = self.values(trainer, trainer.wrapped["critic"], seq[mb], attn[mb], Tp)
+                v_loss, v_clipfrac = value_loss(v, old_values[mb], returns[mb], mask[mb], cfg.cliprange_value)
+                trainer.check_finite(v_loss, "value loss")
+                trainer.backward(v_loss)
+                critic_norm = trainer.optimizer_step("critic")
+                step_stats = {"policy_loss": pg_loss.item(), "value_loss": v_loss.item(),
+                              "vf_clipfrac": v_clipfrac.item(), "entropy": masked_mean(entropy, mask[mb]).item(),
+                              "actor_grad_norm": actor_norm, "critic_grad_norm": critic_norm,
+                              **{k: v.item() for k, v in pg_stats.items()}}
+                for k, v in step_stats.items():
+                    stats[k] = stats.get(k, 0.0) + v
+                n_updates += 1
+        stats = {k: (v / n_updates if k != "first_ratio_max_dev" else v) for k, v in stats.items()}
+
+        kl_per_seq = masked_sum(kl_k1, mask, dim=1)  # (B,)
+        mean_kl = trainer.dist.mean(kl_per_seq.mean().item())
+        stats.update({
+            "score": raw[ended].mean().item() if ended.any() else float("nan"),  # raw RM score [19]
+            "score_normalized": scores.mean().item(),
+            "non_score_reward": masked_sum(non_score, mask, dim=1).mean().item(),
+            "kl": mean_kl,
+            "kl_k3": masked_sum(kl_k3, mask, dim=1).mean().item(),
+            "kl_coef": self.kl_coef,
+            "explained_variance": explained_variance(old_values, returns, mask).item(),
+            "response_length": mask.sum(1).mean().item(),
+            "eos_rate": ended.float().mean().item(),
+            "gen_s": t_gen,
+            "prep_s": t1 - t0 - t_gen,
+            "train_s": time.time() - t1,
+        })
+        if cfg.target_kl is not None:  # adaptive KL controller (Ziegler et al. 2019) [12]
+            error = max(-0.2, min(0.2, (mean_kl - cfg.target_kl) / cfg.target_kl))
+            self.kl_coef *= 1 + error * B * trainer.dist.world_size / cfg.kl_horizon
+        return stats
+
+    @torch.no_grad()
+    def evaluate(self, trainer, batches):
+        """On held-out prompts, with a fixed sampling seed: RM score, KL to the reference, length,
+        EOS rate and any extra scorers (e.g. the gold reward), averaged over responses."""
+        generator = torch.Generator(trainer.device).manual_seed(trainer.cfg.seed + 1)
+        sums: Dict[str, float] = {}
+        n = 0
+        for batch in batches:
+            batch = _to(batch, trainer.device)
+            gen = self.generate(trainer, batch, generator)
+            seq, attn, Tp = gen.tokens, gen.attention_mask, gen.prompt_len
+            mask = gen.response_mask[:, Tp:].float()
+            scores, raw, ended = self.scores(trainer, gen)
+            logp = self.logprobs(trainer, self.models["model"], seq, attn, Tp)[0]
+            kl = masked_sum(logp - self.ref_logprobs(trainer, seq, attn, Tp), mask, dim=1)
+            row = {"score": raw, "score_normalized": scores, "kl": kl, "response_length": mask.sum(1),
+                   "eos_rate": ended.float()}
+            row |= {name: fn(gen).float().to(trainer.device) for name, fn in self.eval_scorers.items()}
+            for k, v in row.items():
+                sums[k] = sums.get(k, 0.0) + v.sum().item()
+            n += seq.size(0)
+        return {k: v / n for k, v in sums.items()} | {"samples": n} if n else {}
