@@ -1,0 +1,805 @@
+"""Compare models answer by answer with a judge: win-rates, confidence intervals, the judge's position bias.
+
+Every model answers the same prompts ("\\n\\nHuman: {prompt}\\n\\nAssistant:", sampled, stopped at EOS
+or at "\\n\\nHuman:"); a judge then compares two models' answers prompt by prompt. Judges (--judge,
+repeatable):
+  openai              an OpenAI-compatible chat model (--judge-model, --base-url), temperature 0, asked
+                      about every pair in both orders; a verdict that flips with the order is a tie
+  rm:RUN_DIR          a reward-model run scores each answer (+ EOS, as it was trained); higher wins
+  gold                the synthetic task's gold reward (src/task.py); needs the task's prompts
+  function:MOD:ATTR   any fn(prompt, response) -> float; the response text ends with "<|endoftext|>"
+                      when the model emitted EOS; MOD is imported from src/ or the current directory
+Answers and verdicts are cached in --cache-dir: a rerun with another judge generates nothing, a changed
+model is never served stale answers, and a killed run resumes without asking the judge anything twice.
+Output: a Markdown table on stdout; results.json, generations.jsonl and judgments.jsonl in the
+evaluation directory (runs/eval_<name>_<stamp>/, or --out-dir).
+
+Examples:
+  # offline, on a fresh clone: the README pipeline's tiny SFT and PPO models (random init, so no
+  # vanilla GPT-2 to compare with), judged by the synthetic task's gold reward and by its reward model
+  python src/evaluate.py -n demo -s runs/pipeline_<stamp>/sft -p runs/pipeline_<stamp>/ppo \\
+      --prompts synthetic:eval_prompts --limit 200 --max-new-tokens 32 \\
+      --judge gold --judge rm:runs/pipeline_<stamp>/rm
+
+  # the original's evaluation: vanilla GPT-2 medium, SFT and PPO answer 153 awesome-chatgpt-prompts,
+  # judged by an OpenAI model (key from OPENAI_API_KEY or a JSON file openai.key {"OPENAI_API_KEY": ...})
+  python src/evaluate.py -n hh -s runs/sft_hh_<stamp> -p runs/ppo_hh_<stamp> --judge openai --judge-model gpt-4o-mini
+
+  # the same answers (cached) judged by a local OpenAI-compatible server (vLLM, llama.cpp, Ollama)
+  OPENAI_API_KEY=none python src/evaluate.py -n hh -s runs/sft_hh_<stamp> -p runs/ppo_hh_<stamp> \\
+      --base-url http://localhost:8000/v1 --judge-model Qwen/Qwen2.5-7B-Instruct
+"""
+import hashlib
+import importlib
+import json
+import os
+import re
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from urllib.parse import urlsplit
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from checkpoints import checkpoint_info, is_checkpoint, load_model
+from cli import parser
+from common import (
+    UserError,
+    autocast,
+    default_precision,
+    is_interactive,
+    make_run_dir,
+    resolve_device,
+    run_cli,
+    write_json_atomic,
+)
+from configs import EOS_ID
+from dataset import load_prompts
+from gpt import GPT
+from tokenizer import ENDOFTEXT, get_tokenizer
+
+CACHE_VERSION = 1  # part of every cache key: bump it when what an answer or a verdict record holds changes
+STOP = "\n\nHuman:"  # a model that starts the next human turn has finished its answer
+
+
+def log(*args):
+    """Progress and notes go to stderr; stdout carries only the results table."""
+    print(*args, file=sys.stderr, flush=True)
+
+
+class JsonlCache:
+    """A dict kept in an append-only JSON-lines file, one {"key": ..., **value} per line, written as each
+    value arrives: a killed run loses at most the line being written (a torn last line is skipped).
+    path=None keeps it in memory only. Thread-safe."""
+
+    def __init__(self, path: Optional[str]):
+        self.path, self.data, self.lock = path, {}, threading.Lock()
+        if not path or not os.path.exists(path):
+            return
+        with open(path, "rb") as f:
+            raw = f.read()
+        for line in raw.decode("utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+                self.data[record.pop("key")] = record
+            except (json.JSONDecodeError, KeyError, AttributeError):
+                continue  # the torn last line of a killed run
+        if raw and not raw.endswith(b"\n"):
+            with open(path, "a") as f:
+                f.write("\n")  # so the next record starts on its own line
+
+    def __contains__(self, key):
+        return key in self.data
+
+    def get(self, key):
+        return self.data.get(key)
+
+    def put(self, key: str, value: dict):
+        with self.lock:
+            self.data[key] = value
+            if self.path:
+                os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+                with open(self.path, "a") as f:
+                    f.write(json.dumps({"key": key, **value}) + "\n")
+
+
+def _sha256(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+# -----------------------------------------------------------------------------
+# Models
+
+
+def _looks_local(source: str) -> bool:
+    """A path rather than a hub name ('owner/name'): explicit, nested, or under an existing directory."""
+    return (source.startswith((".", "/", "~")) or source.count("/") > 1
+            or ("/" in source and os.path.isdir(source.split("/")[0])))
+
+
+def check_model_source(source: str, what: str, local_only: bool = False):
+    """Fail early, before any model is loaded, on a path that does not exist."""
+    if not os.path.exists(source) and (local_only or _looks_local(source)):
+        raise UserError(f"{what}: checkpoint not found: {source}")
+
+
+def load_lm(source: str, what: str = "model") -> Tuple[GPT, dict]:
+    """The language model at `source` and what it is: one of our run / checkpoint directories or
+    files (an SFT or PPO run's model; for a reward-model run its GPT-2 backbone), a directory written
+    by transformers' save_pretrained (e.g. an --export-hf), or a hub name."""
+    check_model_source(source, what)
+    if is_checkpoint(source):
+        model, info = load_model(source, what=what)
+        desc = {"source": source, "file": info["file"], "stage": info["stage"], "kind": info["kind"],
+                "preset": info.get("preset")}
+        if info["kind"] != "lm":
+            model = model.backbone  # its tied output layer still makes it a language model
+            desc["note"] = f"the GPT-2 backbone of a {info['kind']} model"
+    else:
+        model = GPT.from_pretrained(source)
+        desc = {"source": source, "stage": "pretrained", "kind": "lm"}
+    return model.eval(), desc
+
+
+def model_fingerprint(model: GPT) -> str:
+    """sha256 of the weights actually loaded (every tensor of the state dict, LoRA adapters included)
+    and of the config fields that change the function they compute."""
+    h = hashlib.sha256()
+    skip = ("dropout", "lora_dropout", "gradient_checkpointing", "pretrained")
+    h.update(json.dumps({k: v for k, v in model.config.to_dict().items() if k not in skip}, sort_keys=True).encode())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+# -----------------------------------------------------------------------------
+# Generation
+
+
+@dataclass(frozen=True)
+class GenParams:
+    """How every model answers (all of it, with the seed, is part of the answer cache's key)."""
+
+    max_new_tokens: int = 100  # response budget (the original's 100), capped at half a model's block size
+    temperature: float = 0.9  # the original's sampling temperature; 0 = greedy
+    top_k: int = 200  # sample from the k most likely tokens (the original's 200); 0 = off
+    top_p: float = 1.0  # nucleus sampling; 1 = off
+    seed: int = 0  # seeds the sampling (see generate_answers) and the bootstrap
+    batch_size: int = 16  # prompts per generate call, left padded
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise UserError("--max-new-tokens and --batch-size must be at least 1")
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise UserError("need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
+
+
+def answer_from_tokens(tok, new_ids: Sequence[int]) -> dict:
+    """One generated response (its token ids, EOS included if emitted) -> the answer record:
+    text (stop string and EOS removed), ended (the model emitted EOS), finish ("eos" | "stop" |
+    "length") and tokens (the answer's length: tokens generated before EOS, or the text's tokens when
+    a stop string was cut off)."""
+    new_ids = list(new_ids)
+    ended = bool(new_ids) and new_ids[-1] == EOS_ID
+    ids = new_ids[:-1] if ended else new_ids
+    text, finish, n_tokens = tok.decode(ids), "eos" if ended else "length", len(ids)
+    if STOP in text:
+        text, finish = text[:text.index(STOP)], "stop"
+        n_tokens = len(tok.encode(text, allow_special=False))
+    return {"text": text, "ended": ended, "finish": finish, "tokens": n_tokens}
+
+
+def _batch_seed(seed: int, prompts: Sequence[str]) -> int:
+    return int(_sha256([seed, list(prompts)])[:15], 16)  # < 2**60, fits manual_seed
+
+
+@torch.no_grad()
+def _generate_batch(model, tok, prompts, ids, params, max_new, device, precision) -> List[dict]:
+    prompt_ids, prompt_mask = tok.pad(ids, padding_side="left")
+    generator = torch.Generator(device=device).manual_seed(_batch_seed(params.seed, prompts))
+    with autocast(device, precision):
+        out = model.generate(prompt_ids.to(device), prompt_mask.to(device), max_new_tokens=max_new,
+                             temperature=params.temperature, top_k=params.top_k or None, top_p=params.top_p,
+                             eos_id=EOS_ID, stop_strings=[STOP], tokenizer=tok, generator=generator)
+    Tp = out.prompt_len
+    new = [row[Tp:][mask[Tp:].bool()].tolist() for row, mask in zip(out.tokens.cpu(), out.response_mask.cpu())]
+    return [answer_from_tokens(tok, ids) for ids in new]
+
+
+def generate_answers(models: Dict[str, object], prompts: List[str], params: GenParams = GenParams(),
+                     device="cpu", precision: str = "fp32", cache_path: Optional[str] = None):
+    """Each model's answer to each prompt: ({name: [answer per prompt]}, {name: model info}).
+
+    `models` maps a name to a path / hub name (see load_lm) or to a GPT in memory. Answers are cached
+    in `cache_path` (JSON lines) under the model's fingerprint, the prompt, every generation setting
+    (the effective budget, device type and precision included) and the seed. Prompts are generated in
+    batches of consecutive prompts, left padded. A batch's random stream is seeded from the seed and the
+    batch's prompts: rerunning a prompt set reproduces it, and every model draws the same random numbers
+    for a prompt (a paired comparison: two models that agree give the same answer). An answer also
+    depends on the other prompts in its batch (the shared stream; padding changes the arithmetic
+    slightly); with batch_size=1 it depends on its own prompt only. A batch runs when any of its prompts
+    has no cached answer; cached answers are kept.
+    """
+    device = torch.device(device)
+    tok, cache = get_tokenizer(), JsonlCache(cache_path)
+    prompt_ids = tok.encode_batch(prompts, allow_special=False)
+    answers, infos = {}, {}
+    for name, spec in models.items():
+        model, desc = (spec, {"source": "<in memory>"}) if isinstance(spec, GPT) else load_lm(spec, f"model {name}")
+        home, was_training = next(model.parameters()).device, model.training
+        block = model.config.block_size
+        max_new = min(params.max_new_tokens, block // 2)
+        keep = block - max_new  # prompt tokens kept: the end of a longer prompt, where the answer starts
+        setting = {**asdict(params), "max_new_tokens": max_new, "prompt_tokens": keep, "stop": STOP,
+                   "device": device.type, "precision": precision, "version": CACHE_VERSION,
+                   "model": model_fingerprint(model)}
+        keys = [_sha256([setting, p]) for p in prompts]
+        bs = params.batch_size
+        batches = [range(i, min(i + bs, len(prompts))) for i in range(0, len(prompts), bs)]
+        todo = [rows for rows in batches if any(keys[i] not in cache for i in rows)]
+        generated = 0
+        if todo:
+            model.to(device).eval()
+            for rows in tqdm(todo, desc=f"{name}: generating", disable=not is_interactive()):
+                out = _generate_batch(model, tok, [prompts[i] for i in rows], [prompt_ids[i][-keep:] for i in rows],
+                                      params, max_new, device, precision)
+                for i, answer in zip(rows, out):
+                    if keys[i] not in cache:
+                        cache.put(keys[i], answer)
+                        generated += 1
+            model.to(home).train(was_training)
+        answers[name] = [dict(cache.get(k)) for k in keys]
+        infos[name] = {**desc, "fingerprint": setting["model"], "max_new_tokens": max_new,
+                       "truncated_prompts": sum(len(ids) > keep for ids in prompt_ids),
+                       "generated": generated, "cached": len(prompts) - generated}
+        if max_new < params.max_new_tokens:
+            log(f"{name}: max_new_tokens capped at {max_new} (half its block size {block})")
+        log(f"{name}: {desc.get('file', desc['source'])} ({desc.get('note') or desc.get('stage')}), "
+            f"fingerprint {setting['model'][:12]}: {generated} answers generated, {len(prompts) - generated} cached")
+    return answers, infos
+
+
+# -----------------------------------------------------------------------------
+# Judges
+
+
+JUDGE_SYSTEM = (
+    "You are an impartial judge. You will see a conversation between a user and an AI assistant, then "
+    "two candidate answers for the assistant's next turn, Answer A and Answer B. Decide which answer is more "
+    "helpful, truthful and harmless for the user. Judge the content only: neither the order in which the "
+    "answers are shown nor their length may influence you. Explain your reasoning in a few sentences, then "
+    "give your final verdict on the last line as exactly one of: [[A]] if Answer A is better, [[B]] if "
+    "Answer B is better, [[tie]] if they are equally good or equally bad."
+)
+
+
+def judge_messages(prompt: str, first: str, second: str) -> List[dict]:
+    """The chat messages that ask which of two answers to `prompt` is better (first shown as A)."""
+    conversation = prompt.strip()
+    conversation = conversation[:-len("Assistant:")].rstrip() if conversation.endswith("Assistant:") else conversation
+    a, b = first.strip() or "(empty answer)", second.strip() or "(empty answer)"
+    user = f"[Conversation]\n{conversation}\n\n[Answer A]\n{a}\n\n[Answer B]\n{b}\n\n[Your verdict]"
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+
+
+_VERDICTS = {"a": "A", "b": "B", "tie": "tie"}
+_FILLER = {"final", "verdict", "answer", "is", "the", "better", "my"}
+
+
+def parse_verdict(reply: str) -> Optional[str]:
+    """'A', 'B' or 'tie' from a judge's reply, or None when it cannot be read. The last [[A]] / [[B]] /
+    [[tie]] anywhere in the reply counts (any case, spaces inside, markdown around it); failing that, a
+    reply that is only the verdict ("B", "**Tie**", "Answer A is better.")."""
+    tags = re.findall(r"\[\[\s*(a|b|tie)\s*\]\]", reply or "", flags=re.IGNORECASE)
+    if tags:
+        return _VERDICTS[tags[-1].lower()]
+    words = [w for w in re.findall(r"[a-z]+", (reply or "").lower()) if w not in _FILLER]
+    return _VERDICTS.get(words[0]) if len(words) == 1 else None
+
+
+def _public_url(url) -> str:
+    """A server URL without credentials, query or fragment: safe to print and to store."""
+    parts = urlsplit(str(url))
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}{':' + str(parts.port) if parts.port else ''}{parts.path}"
+
+
+def _scrub(text: str, secret: Optional[str]) -> str:
+    """`text` with the API key, and anything shaped like an OpenAI key, masked."""
+    if secret:
+        text = text.replace(secret, "***")
+    return re.sub(r"sk-[A-Za-z0-9_\-*.]{3,}", "sk-***", text)
+
+
+class ChatJudge:
+    """An OpenAI-compatible chat model asked which of two answers is better, at temperature 0.
+
+    Retries are the openai client's own: it retries rate limits (429), server errors (5xx), 408/409,
+    timeouts and dropped connections up to `max_retries` times, waiting 0.5 s * 2**n (at most 8 s) less
+    up to 25% random jitter, or what the server's Retry-After header asks for. A request that still
+    fails stops the run with one line (verdicts already received stay cached)."""
+
+    kind = "pairwise"
+
+    def __init__(self, model: str, api_key: str, base_url: Optional[str] = None, timeout: float = 60.0,
+                 max_retries: int = 8, max_tokens: int = 512):
+        import openai
+        self.openai, self.model, self.max_tokens, self._key = openai, model, max_tokens, api_key
+        self.client = openai.OpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=max_retries)
+        self.name = f"openai:{model}"
+        self.server = _public_url(self.client.base_url)
+
+    def key(self, prompt: str, first: str, second: str) -> str:
+        """Cache key of one (pair, order): the judge's identity and the exact messages it is sent."""
+        return _sha256([CACHE_VERSION, self.model, self.server, self.max_tokens,
+                        judge_messages(prompt, first, second)])
+
+    def ask(self, prompt: str, first: str, second: str) -> Tuple[Optional[str], str]:
+        """(verdict in positions: 'A' = first, 'B' = second, 'tie', or None if unreadable; the reply)."""
+        try:
+            response = self.client.chat.completions.create(
+                model=self.model, messages=judge_messages(prompt, first, second), temperature=0,
+                max_tokens=self.max_tokens)
+        except self.openai.AuthenticationError:
+            raise UserError(f"the judge server {self.server} rejected the API key (401): check OPENAI_API_KEY "
+                            f"or the key file") from None
+        except self.openai.APIError as e:
+            what = f"HTTP {e.status_code}" if getattr(e, "status_code", None) else type(e).__name__
+            message = _scrub(" ".join(str(e).split()), self._key)[:300]
+            raise UserError(f"judge request to {self.server} failed after retries ({what}: {message}); "
+                            f"verdicts so far are cached, rerun the same command to resume") from None
+        reply = _scrub((response.choices[0].message.content or "") if response.choices else "", self._key)
+        return parse_verdict(reply), reply
+
+
+class ScoreJudge:
+    """Scores every answer on its own (`score_fn(prompts, answers) -> scores`); the higher score wins."""
+
+    kind = "score"
+
+    def __init__(self, name: str, score_fn: Callable[[List[str], List[dict]], List[float]]):
+        self.name, self.score_fn = name, score_fn
+
+
+def function_judge(fn: Callable[[str, str], float], name: str) -> ScoreJudge:
+    """fn(prompt, response) -> float, where the response text ends with "<|endoftext|>" if the model
+    emitted EOS (the convention of task.gold_reward)."""
+    def score(prompts, answers):
+        try:
+            return [float(fn(p, a["text"] + (ENDOFTEXT if a["ended"] else ""))) for p, a in zip(prompts, answers)]
+        except ValueError as e:
+            raise UserError(f"--judge {name}: {e}") from None
+    return ScoreJudge(name, score)
+
+
+def rm_scores(rm, prompts: List[str], responses: List[str], device="cpu", precision="fp32",
+              batch_size: int = 16) -> List[float]:
+    """A RewardModel's score of each prompt + response + EOS, tokenised as the reward model was trained
+    (prompt and response encoded separately as ordinary text, then EOS; a sequence longer than the block
+    loses prompt tokens from the left, then response tokens from the left, so EOS is always read)."""
+    tok, device = get_tokenizer(), torch.device(device)
+    block = rm.config.block_size
+    seqs = []
+    for p, r in zip(tok.encode_batch(prompts, allow_special=False), tok.encode_batch(responses, allow_special=False)):
+        r = r + [EOS_ID]
+        seqs.append((p[max(0, len(p) - (block - len(r))):] if len(r) < block else []) + r[-block:])
+    scores = []
+    rm.to(device)
+    with torch.no_grad():
+        for i in range(0, len(seqs), batch_size):
+            ids, mask = tok.pad(seqs[i:i + batch_size], padding_side="right")
+            with autocast(device, precision):
+                scores += rm.score(ids.to(device), mask.to(device)).float().cpu().tolist()
+    rm.cpu()
+    return scores
+
+
+def rm_judge(run_dir: str, device="cpu", precision="fp32", batch_size: int = 16) -> ScoreJudge:
+    rm, _ = load_model(run_dir, kind="rm", what="--judge rm:")
+    rm.eval()
+    return ScoreJudge(f"rm:{run_dir}", lambda prompts, answers: rm_scores(
+        rm, prompts, [a["text"] for a in answers], device, precision, batch_size))
+
+
+JUDGE_FORMS = "openai, rm:RUN_DIR, gold, function:MODULE:ATTR"
+
+
+def api_key(key_file: Optional[str] = None) -> str:
+    """The judge's API key: --key-file, else $OPENAI_API_KEY, else ./openai.key (the original's JSON file
+    {"OPENAI_API_KEY": ...}). Never printed, never written."""
+    if key_file is None and os.environ.get("OPENAI_API_KEY"):
+        return os.environ["OPENAI_API_KEY"]
+    path = key_file or "openai.key"
+    if not os.path.isfile(path):
+        where = f"key file {path} not found" if key_file else "no API key for the OpenAI judge"
+        raise UserError(f"{where}: set OPENAI_API_KEY, or write {{\"OPENAI_API_KEY\": \"...\"}} to openai.key "
+                        f"(or --key-file PATH); a local server that needs no key: OPENAI_API_KEY=none; "
+                        f"offline judges: --judge gold, --judge rm:RUN_DIR")
+    try:
+        with open(path) as f:
+            key = json.load(f).get("OPENAI_API_KEY")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        key = None
+    if not isinstance(key, str) or not key:
+        raise UserError(f"key file {path} is not a JSON object with a non-empty \"OPENAI_API_KEY\" string")
+    return key
+
+
+def make_judge(spec: str, judge_model: str = "gpt-4o-mini", base_url: Optional[str] = None,
+               key_file: Optional[str] = None, timeout: float = 60.0, max_retries: int = 8,
+               max_tokens: int = 512, device="cpu", precision: str = "fp32", batch_size: int = 16):
+    """A judge from its --judge spec (see JUDGE_FORMS)."""
+    if spec == "openai":
+        return ChatJudge(judge_model, api_key(key_file), base_url, timeout, max_retries, max_tokens)
+    if spec.startswith("rm:"):
+        return rm_judge(spec[3:], device, precision, batch_size)
+    if spec == "gold":
+        from task import gold_reward
+        return function_judge(gold_reward, "gold")
+    if spec.startswith("function:"):
+        module_name, _, attr = spec[len("function:"):].partition(":")
+        if os.getcwd() not in sys.path:
+            sys.path.append(os.getcwd())
+        try:
+            fn = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise UserError(f"--judge {spec}: cannot import {module_name}.{attr} ({e})") from None
+        if not callable(fn):
+            raise UserError(f"--judge {spec}: {module_name}.{attr} is not a function")
+        return function_judge(fn, spec)
+    raise UserError(f"unknown judge {spec!r}; use one of: {JUDGE_FORMS}")
+
+
+# -----------------------------------------------------------------------------
+# Comparing
+
+
+def _outcome(first: Optional[str], second: Optional[str]) -> Tuple[Optional[str], Optional[bool]]:
+    """(outcome for model a, consistent?) from the verdicts with a's answer shown first (A) and second (B).
+    Both orders must name the same winner for a win or a loss; anything else is a tie."""
+    if first is None or second is None:
+        return None, None
+    a1 = {"A": "a", "B": "b", "tie": "tie"}[first]
+    a2 = {"A": "b", "B": "a", "tie": "tie"}[second]
+    outcome = {"a": "win", "b": "loss", "tie": "tie"}[a1] if a1 == a2 else "tie"
+    return outcome, a1 == a2
+
+
+def _ask_all(judge: ChatJudge, requests: Dict[str, tuple], cache: JsonlCache, max_concurrency: int):
+    """Ask the judge every request not yet in the cache, at most `max_concurrency` at a time; each verdict
+    is appended to the cache as it arrives."""
+    todo = {k: r for k, r in requests.items() if k not in cache}
+    if not todo:
+        return
+    log(f"{judge.name}: {len(todo)} requests to {judge.server} ({len(requests) - len(todo)} cached)")
+
+    def ask(key, request):
+        verdict, reply = judge.ask(*request)
+        cache.put(key, {"judge": judge.name, "verdict": verdict, "reply": reply})
+
+    pool = ThreadPoolExecutor(max_workers=max_concurrency)
+    try:
+        futures = [pool.submit(ask, k, r) for k, r in todo.items()]
+        for f in tqdm(as_completed(futures), total=len(futures), desc=judge.name, disable=not is_interactive()):
+            f.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # on failure: requests in flight finish and are cached
+
+
+def judge_comparisons(prompts: List[str], answers: Dict[str, List[dict]], comparisons: List[Tuple[str, str]],
+                      judge, cache_path: Optional[str] = None, max_concurrency: int = 4) -> Dict[str, List[dict]]:
+    """One record per prompt for each comparison (a, b), keyed "a:b":
+    outcome ("win" | "tie" | "loss" for a, None when a verdict could not be read), identical (the two
+    answers are the same text), and
+    - score judges: scores [score of a, score of b], consistent True;
+    - chat judges: verdicts [with a's answer first, with b's answer first] as the judge gave them
+      ('A' | 'B' | 'tie' | None), replies, consistent (the two orders agree; None if not both readable).
+      Identical answers are a tie without asking the judge (verdicts None).
+    Chat verdicts come from and go to `cache_path`, so no (pair, order) is ever asked twice."""
+    for a, b in comparisons:
+        for name in (a, b):
+            if name not in answers:
+                raise UserError(f"comparison {a}:{b} names {name!r}, which is not among the models: "
+                                f"{', '.join(answers)}")
+    if judge.kind == "score":
+        needed = {name for pair in comparisons for name in pair}
+        scores = {name: judge.score_fn(prompts, answers[name]) for name in needed}
+        return {f"{a}:{b}": [{"i": i, "outcome": "win" if sa > sb else "loss" if sa < sb else "tie",
+                              "identical": x["text"].strip() == y["text"].strip(), "scores": [sa, sb],
+                              "consistent": True}
+                             for i, (sa, sb, x, y) in enumerate(zip(scores[a], scores[b], answers[a], answers[b]))]
+                for a, b in comparisons}
+
+    cache = JsonlCache(cache_path)
+    requests = {}
+    for a, b in comparisons:
+        for p, x, y in zip(prompts, answers[a], answers[b]):
+            if x["text"].strip() != y["text"].strip():
+                requests[judge.key(p, x["text"], y["text"])] = (p, x["text"], y["text"])
+                requests[judge.key(p, y["text"], x["text"])] = (p, y["text"], x["text"])
+    _ask_all(judge, requests, cache, max_concurrency)
+    results = {}
+    for a, b in comparisons:
+        records = []
+        for i, (p, x, y) in enumerate(zip(prompts, answers[a], answers[b])):
+            if x["text"].strip() == y["text"].strip():
+                records.append({"i": i, "outcome": "tie", "identical": True, "verdicts": None, "consistent": None})
+                continue
+            first, second = cache.get(judge.key(p, x["text"], y["text"])), cache.get(judge.key(p, y["text"], x["text"]))
+            outcome, consistent = _outcome(first["verdict"], second["verdict"])
+            records.append({"i": i, "outcome": outcome, "identical": False, "consistent": consistent,
+                            "verdicts": [first["verdict"], second["verdict"]],
+                            "replies": [first["reply"], second["reply"]]})
+        results[f"{a}:{b}"] = records
+    return results
+
+
+# -----------------------------------------------------------------------------
+# Statistics
+
+
+def bootstrap_ci(values: Sequence[float], n_boot: int = 10000, seed: int = 0, level: float = 0.95):
+    """Percentile bootstrap interval of the mean of `values` (one per prompt), resampling prompts with
+    replacement; (nan, nan) for no values."""
+    v = np.asarray(values, dtype=float)
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot)
+    chunk = max(1, 4_000_000 // len(v))  # resamples per step, so the index array stays small
+    for s in range(0, n_boot, chunk):
+        idx = rng.integers(0, len(v), size=(min(chunk, n_boot - s), len(v)))
+        means[s:s + len(idx)] = v[idx].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def _mean(xs) -> Optional[float]:
+    xs = list(xs)
+    return float(np.mean(xs)) if xs else None
+
+
+def summarize(records: List[dict], answers_a: Optional[List[dict]] = None, answers_b: Optional[List[dict]] = None,
+              n_boot: int = 10000, seed: int = 0) -> dict:
+    """The numbers of one comparison (a vs b) from its judge records (see judge_comparisons):
+    wins / ties / losses of a over the pairs whose verdicts could be read; win rate with ties counted
+    half and its 95% bootstrap interval; consistency (share of asked pairs whose two orders agree; 1 for
+    score judges); how often the chat judge picked the answer shown first; unreadable verdicts and the
+    pairs they cost; pairs of identical answers; and, given the answers, both sides' mean length, EOS
+    rate and (score judges) mean score."""
+    judged = [r["outcome"] for r in records if r["outcome"] is not None]
+    value = {"win": 1.0, "tie": 0.5, "loss": 0.0}
+    n = len(judged)
+    lo, hi = bootstrap_ci([value[o] for o in judged], n_boot, seed)
+    out = {
+        "pairs": len(records), "judged": n,
+        "wins": judged.count("win"), "ties": judged.count("tie"), "losses": judged.count("loss"),
+        "win_rate": (judged.count("win") + 0.5 * judged.count("tie")) / n if n else None,
+        "ci95": [lo, hi] if n else None,
+        "unparseable_pairs": len(records) - n,
+        "identical": sum(bool(r.get("identical")) for r in records),
+    }
+    if records and "scores" in records[0]:
+        out.update(consistency=1.0, unparseable_answers=0, position_a_rate=None,
+                   mean_score_a=_mean(r["scores"][0] for r in records),
+                   mean_score_b=_mean(r["scores"][1] for r in records))
+    else:
+        verdicts = [v for r in records if r["verdicts"] for v in r["verdicts"]]
+        decisive = [v for v in verdicts if v in ("A", "B")]
+        out.update(consistency=_mean(r["consistent"] for r in records if r["consistent"] is not None),
+                   unparseable_answers=sum(v is None for v in verdicts),
+                   position_a_rate=_mean(v == "A" for v in decisive),
+                   mean_score_a=None, mean_score_b=None)
+    for side, ans in (("a", answers_a), ("b", answers_b)):
+        if ans is not None:
+            out[f"tokens_{side}"] = _mean(x["tokens"] for x in ans)
+            out[f"words_{side}"] = _mean(len(x["text"].split()) for x in ans)
+            out[f"eos_rate_{side}"] = _mean(x["ended"] for x in ans)
+    return out
+
+
+def _fmt(x, spec="{:.2f}", none="–"):
+    return none if x is None else spec.format(x)
+
+
+def markdown_table(rows: List[dict]) -> str:
+    """The summaries (with "judge", "a", "b") as a Markdown table."""
+    head = ("| judge | a vs b | pairs | a wins | ties | b wins | a win rate (ties ½) | 95% CI | consistent | "
+            "A-position picks | unreadable | a / b tokens | a / b EOS | a / b score |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for r in rows:
+        ci = f"[{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}]" if r["ci95"] else "–"
+        lines.append(" | ".join([
+            f"| {r['judge']}", f"{r['a']} vs {r['b']}", str(r["pairs"]), str(r["wins"]),
+            f"{r['ties']} ({r['identical']} same text)" if r["identical"] else str(r["ties"]),
+            str(r["losses"]), _fmt(r["win_rate"], "{:.1%}"), ci, _fmt(r["consistency"], "{:.0%}"),
+            _fmt(r["position_a_rate"], "{:.0%}"), f"{r['unparseable_answers']} ({r['unparseable_pairs']} pairs)",
+            f"{_fmt(r.get('tokens_a'), '{:.1f}')} / {_fmt(r.get('tokens_b'), '{:.1f}')}",
+            f"{_fmt(r.get('eos_rate_a'), '{:.0%}')} / {_fmt(r.get('eos_rate_b'), '{:.0%}')}",
+            f"{_fmt(r['mean_score_a'])} / {_fmt(r['mean_score_b'])} |"]))
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# The whole evaluation
+
+
+def default_comparisons(names: Sequence[str]) -> List[Tuple[str, str]]:
+    """Every later model against every earlier one: for vanilla, sft, ppo the original's three."""
+    return [(names[j], names[i]) for j in range(len(names)) for i in range(j)]
+
+
+def evaluate(models: Dict[str, object], prompts: List[str], judges: list, comparisons=None,
+             out_dir: Optional[str] = None, cache_dir: Optional[str] = None, params: GenParams = GenParams(),
+             device="cpu", precision: str = "fp32", max_concurrency: int = 4, n_boot: int = 10000,
+             config: Optional[dict] = None) -> dict:
+    """Generate, judge, summarise. Writes generations.jsonl, judgments.jsonl and results.json to
+    `out_dir` (if given), prints the Markdown table on stdout, and returns the results dict
+    {"config", "models", "prompts", "results": [summary + judge, a, b per (judge, comparison)]}."""
+    if not prompts:
+        raise UserError("no prompts to evaluate on")
+    comparisons = list(comparisons or default_comparisons(list(models)))
+    if not comparisons:
+        raise UserError("nothing to compare: give at least two models")
+    cache = (lambda name: os.path.join(cache_dir, name)) if cache_dir else (lambda name: None)
+    answers, infos = generate_answers(models, prompts, params, device, precision, cache("generations.jsonl"))
+    rows, judgments = [], []
+    for judge in judges:
+        records = judge_comparisons(prompts, answers, comparisons, judge, cache("verdicts.jsonl"), max_concurrency)
+        for a, b in comparisons:
+            summary = summarize(records[f"{a}:{b}"], answers[a], answers[b], n_boot, params.seed)
+            rows.append({"judge": judge.name, "a": a, "b": b, **summary})
+            judgments += [{"judge": judge.name, "a": a, "b": b, **r} for r in records[f"{a}:{b}"]]
+    results = {"config": config or {}, "generation": asdict(params), "models": infos,
+               "prompts": {"n": len(prompts)}, "results": rows}
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "generations.jsonl"), "w") as f:
+            for i, p in enumerate(prompts):
+                f.write(json.dumps({"i": i, "prompt": p, "answers": {n: answers[n][i] for n in answers}}) + "\n")
+        with open(os.path.join(out_dir, "judgments.jsonl"), "w") as f:
+            for j in judgments:
+                f.write(json.dumps(j) + "\n")
+        write_json_atomic(os.path.join(out_dir, "results.json"), results)
+    print(markdown_table(rows), flush=True)
+    return results
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def build_parser():
+    ap = parser(__doc__)
+    g = ap.add_argument_group("models")
+    g.add_argument("-s", "--sft", metavar="PATH", help="SFT run or checkpoint (the original's -s)")
+    g.add_argument("-p", "--ppo", metavar="PATH", help="PPO run or checkpoint: its actor (the original's -p)")
+    g.add_argument("--vanilla", default="auto", metavar="NAME_OR_DIR",
+                   help="base GPT-2: a hub name or transformers directory; 'auto' = the GPT-2 the SFT/PPO "
+                        "model started from, if any (the original's comparison); 'none' = leave it out")
+    g.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                   help="another model: our run/checkpoint (an RM run: its backbone), a transformers "
+                        "directory or a hub name (repeatable)")
+    g.add_argument("--compare", action="append", default=[], metavar="A:B",
+                   help="compare model A against B (repeatable); default: every model against every earlier "
+                        "one, in the order vanilla, sft, ppo, --model ...")
+    g = ap.add_argument_group("prompts and sampling")
+    g.add_argument("--prompts", default="fka/awesome-chatgpt-prompts",
+                   help="hub dataset, local .jsonl/.csv file, or synthetic:eval_prompts (the offline task)")
+    g.add_argument("--split", default="train", help="split of a hub --prompts dataset")
+    g.add_argument("--limit", type=int, default=None, help="use the first N prompts")
+    for f, help_ in (("max_new_tokens", "response budget in tokens, capped at half the block size"),
+                     ("temperature", "sampling temperature (0 = greedy)"), ("top_k", "top-k sampling (0 = off)"),
+                     ("top_p", "nucleus sampling (1 = off)"), ("seed", "seed of sampling and bootstrap"),
+                     ("batch_size", "prompts per generation batch (1 = each answer independent of the others)")):
+        default = getattr(GenParams(), f)
+        g.add_argument("--" + f.replace("_", "-"), type=type(default), default=default,
+                       help=f"{help_} (default {default})")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--precision", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
+    g = ap.add_argument_group("judges")
+    g.add_argument("--judge", action="append", default=[], metavar="SPEC",
+                   help=f"{JUDGE_FORMS} (repeatable; default openai)")
+    g.add_argument("--judge-model", default="gpt-4o-mini", help="chat model of the openai judge")
+    g.add_argument("--base-url", default=None,
+                   help="OpenAI-compatible server, e.g. http://localhost:8000/v1 (default: $OPENAI_BASE_URL or OpenAI)")
+    g.add_argument("--key-file", default=None,
+                   help="JSON file {\"OPENAI_API_KEY\": ...} (default: $OPENAI_API_KEY, else ./openai.key)")
+    g.add_argument("--timeout", type=float, default=60.0, help="seconds per judge request before it is retried")
+    g.add_argument("--max-retries", type=int, default=8, help="retries per judge request (429, 5xx, timeouts)")
+    g.add_argument("--max-concurrency", type=int, default=4, help="judge requests in flight at once")
+    g.add_argument("--judge-max-tokens", type=int, default=512, help="longest judge reply")
+    g.add_argument("--n-boot", type=int, default=10000, help="bootstrap resamples for the confidence interval")
+    g = ap.add_argument_group("output")
+    g.add_argument("-n", "--name", default="default", help="evaluation name: runs/eval_<name>_<stamp>/")
+    g.add_argument("--out-dir", default=None, help="write the results here instead of runs/eval_<name>_<stamp>/")
+    g.add_argument("--cache-dir", default=os.path.join("runs", "eval_cache"),
+                   help="answer and verdict caches, shared by evaluations (default runs/eval_cache)")
+    return ap
+
+
+def model_specs(args) -> Dict[str, str]:
+    """name -> source, in the order vanilla, sft, ppo, --model ...; checked for existence up front."""
+    given = {}
+    for name, path in (("sft", args.sft), ("ppo", args.ppo)):
+        if path:
+            check_model_source(path, f"-{name[0]}/--{name}", local_only=True)
+            given[name] = path
+    for item in args.model:
+        name, sep, path = item.partition("=")
+        if not sep or not path or not re.fullmatch(r"[\w.-]+", name):
+            raise UserError(f"--model {item!r}: expected NAME=PATH with NAME made of letters, digits, _ . -")
+        if name in given or name == "vanilla":
+            raise UserError(f"--model {name}=...: the name {name!r} is already taken")
+        check_model_source(path, f"--model {name}")
+        given[name] = path
+    vanilla = args.vanilla
+    if vanilla == "auto":  # the GPT-2 the SFT / PPO model was started from, as the original compared against
+        bases = [checkpoint_info(given[n])["config"].pretrained
+                 for n in ("sft", "ppo") if n in given and is_checkpoint(given[n])]
+        vanilla = next((b for b in bases if b), "none")
+        if vanilla != "none":
+            log(f"vanilla: {vanilla} (the GPT-2 the SFT/PPO model started from; --vanilla none leaves it out)")
+    if vanilla != "none":
+        check_model_source(vanilla, "--vanilla")
+        given = {"vanilla": vanilla, **given}
+    return given
+
+
+def parse_comparisons(items: List[str], names: Sequence[str]) -> List[Tuple[str, str]]:
+    out = []
+    for item in items:
+        a, sep, b = item.partition(":")
+        if not sep or a == b:
+            raise UserError(f"--compare {item!r}: expected A:B with two different model names")
+        for name in (a, b):
+            if name not in names:
+                raise UserError(f"--compare {item}: no model named {name!r}; models: {', '.join(names) or 'none'} "
+                                f"(give it with -s, -p, --vanilla or --model {name}=PATH)")
+        out.append((a, b))
+    return out or default_comparisons(names)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    models = model_specs(args)
+    comparisons = parse_comparisons(args.compare, list(models))
+    if not comparisons:
+        raise UserError(f"nothing to compare: give at least two models (have: {', '.join(models) or 'none'}; "
+                        f"use -s, -p, --vanilla, --model NAME=PATH)")
+    if args.limit is not None and args.limit < 1:
+        raise UserError("--limit must be at least 1")
+    if args.max_concurrency < 1 or args.max_retries < 0 or args.timeout <= 0:
+        raise UserError("need --max-concurrency >= 1, --max-retries >= 0 and --timeout > 0")
+    params = GenParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, args.batch_size)
+    device = resolve_device(args.device)
+    precision = default_precision(device) if args.precision == "auto" else args.precision
+    autocast(device, precision)  # an unknown precision fails here, before any work
+    judges = {}
+    for spec in args.judge or ["openai"]:
+        judges.setdefault(spec, make_judge(spec, args.judge_model, args.base_url, args.key_file, args.timeout,
+                                           args.max_retries, args.judge_max_tokens, device, precision, args.batch_size))
+    prompts = load_prompts(args.prompts, limit=args.limit, split=args.split)
+    out_dir = args.out_dir or make_run_dir("eval", args.name)
+    os.makedirs(out_dir, exist_ok=True)
+    saved_args = {**vars(args), "base_url": args.base_url and _public_url(args.base_url)}
+    config = {"command": " ".join(["python"] + sys.argv) if argv is None else None, "args": saved_args,
+              "models": models, "comparisons": [f"{a}:{b}" for a, b in comparisons],
+              "judges": list(judges), "device": str(device), "precision": precision, "prompts": args.prompts}
+    write_json_atomic(os.path.join(out_dir, "config.json"), config)
+    log(f"{len(prompts)} prompts from {args.prompts}; models: {', '.join(models)}; "
+        f"comparisons: {', '.join(config['comparisons'])}; judges: {', '.join(judges)}")
+    evaluate(models, prompts, list(judges.values()), comparisons, out_dir, args.cache_dir, params, device, precision,
+             args.max_concurrency, args.n_boot, config)
+    log(f"results: {os.path.join(out_dir, 'results.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
