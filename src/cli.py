@@ -13,7 +13,7 @@ from dataclasses import fields
 
 import torch
 
-from common import UserError, read_json, seed_everything
+from common import UserError, make_run_dir, read_json, seed_everything
 from configs import PRESETS, TrainConfig, get_preset
 
 SEED_STRIDE = 104729  # process r is seeded with seed + r * SEED_STRIDE (a prime), RLHF_DETAILS item 10
@@ -61,6 +61,7 @@ def add_common_args(ap: argparse.ArgumentParser, defaults: dict):
     g.add_argument("--lora-rank", type=int, default=None, help="override the preset's LoRA rank (0 = no LoRA)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
     g.add_argument("--out-dir", default="runs", help="where run directories are made")
+    g.add_argument("--run-dir", default=None, help="exact run directory (default: <out-dir>/<stage>_<name>_<stamp>)")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its newest checkpoint, "
                    "with the settings saved in it (other flags are ignored)")
     add_dataclass_args(ap.add_argument_group("training (TrainConfig in src/configs.py)"), TrainConfig,
@@ -98,6 +99,23 @@ def held_out_source(data: str, eval_data, flag: str = "--eval-data", train_flag:
         raise UserError(f"{train_flag} {data} is a single file with no held-out split: pass {flag} FILE "
                         f"(or {flag} none to skip evaluation)")
     return data
+
+
+def new_run_dir(stage: str, args, dist_info) -> str:
+    """The run directory: --resume's, --run-dir, or a new <out-dir>/<stage>_<name>_<stamp>; made by
+    the main process and shared with the others."""
+    if args.resume:
+        return args.resume
+    path = None
+    if dist_info.is_main:
+        if args.run_dir:
+            if os.path.exists(os.path.join(args.run_dir, "config.json")):
+                raise UserError(f"--run-dir {args.run_dir} already holds a run; use --resume to continue it")
+            os.makedirs(args.run_dir, exist_ok=True)
+            path = args.run_dir
+        else:
+            path = make_run_dir(stage, args.name, args.out_dir)
+    return dist_info.broadcast(path)
 
 
 def seed_process(seed: int, rank: int):

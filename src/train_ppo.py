@@ -23,13 +23,14 @@ from cli import (
     add_dataclass_args,
     config_record,
     held_out_source,
+    new_run_dir,
     parser,
     print_main,
     resumed_args,
     seed_process,
     train_config,
 )
-from common import UserError, make_run_dir, run_cli
+from common import UserError, run_cli
 from configs import PPOConfig, get_preset
 from dataset import PromptDataset, collate_prompts
 from gpt import mark_only_lora_trainable
@@ -37,7 +38,24 @@ from tokenizer import get_tokenizer
 from trainers import Dist, PPOStage, Trainer, process_device
 
 
-def main():
+def judge_scorer(spec: str):
+    """A score judge of evaluate.py (gold, function:MODULE:ATTR, rm:RUN_DIR) as fn(generation, prompts),
+    reading each response the way evaluate.py does."""
+    from evaluate import answer_from_tokens, make_judge
+    judge = make_judge(spec)
+    if judge.kind != "score":
+        raise UserError(f"{spec}: only score judges (gold, function:MODULE:ATTR, rm:RUN_DIR) can score PPO samples")
+    tok = get_tokenizer()
+
+    def score(gen, prompts):
+        Tp = gen.prompt_len
+        answers = [answer_from_tokens(tok, row[Tp:][mask[Tp:].bool()].tolist())
+                   for row, mask in zip(gen.tokens.cpu(), gen.response_mask.cpu())]
+        return judge.score_fn(list(prompts), answers)
+    return score
+
+
+def main(argv=None):
     ap = parser(__doc__)
     ap.add_argument("-a", "--actor", help="SFT run or checkpoint: the initial policy and the reference")
     ap.add_argument("-c", "--critic", help="reward-model run or checkpoint: the reward, and the critic's init")
@@ -49,10 +67,16 @@ def main():
     ap.add_argument("--part", default="ppo", choices=["sft", "rm", "ppo", "all"],
                     help="hash-based share of the prompts (the default keeps them disjoint from the RM's)")
     ap.add_argument("--critic-lora-rank", type=int, default=None, help="critic LoRA rank (default: the RM's)")
+    ap.add_argument("--eval-judge", action="append", default=[], metavar="SPEC",
+                    help="also score held-out samples with this judge at each evaluation (repeatable): gold "
+                         "(the synthetic task's true reward), function:MODULE:ATTR or rm:RUN_DIR")
+    ap.add_argument("--reward", default=None, metavar="SPEC",
+                    help="train against this score judge instead of the -c reward model (e.g. gold, to see "
+                         "what PPO reaches against the true reward); -c still initialises the critic")
     add_common_args(ap, {"lr": 1e-5, "warmup_steps": 0, "eval_every": 20, "save_every": 50, "log_every": 1,
                          "adam_eps": 1e-5, "max_steps": 200, "preset": None})
     add_dataclass_args(ap.add_argument_group("PPO (PPOConfig in src/configs.py)"), PPOConfig, PPOConfig())
-    args = resumed_args(ap.parse_args())
+    args = resumed_args(ap.parse_args(argv))
     if not args.actor or not args.critic:
         raise UserError("PPO needs -a SFT_RUN (the policy to improve) and -c RM_RUN (the reward model)")
 
@@ -100,10 +124,14 @@ def main():
     print_main(d, f"actor {args.preset} ({reference}), "
                   f"critic from {rm_info['preset']}")
 
-    run_dir = args.resume or d.broadcast(make_run_dir("ppo", args.name, args.out_dir) if d.is_main else None)
+    run_dir = new_run_dir("ppo", args, d)
     record = config_record("ppo", args, actor_cfg, train_cfg, ppo=ppo_cfg.to_dict(), critic_model=critic_cfg.to_dict(),
                            data={"train": train_set.stats, "eval": eval_set and eval_set.stats})
-    stage = PPOStage(actor, critic, ppo_cfg, reward_model=rm, ref=ref)
+    scorers = {spec: judge_scorer(spec) for spec in args.eval_judge}  # logged as eval/<spec>
+    if args.reward:
+        stage = PPOStage(actor, critic, ppo_cfg, reward_fn=judge_scorer(args.reward), ref=ref, eval_scorers=scorers)
+    else:
+        stage = PPOStage(actor, critic, ppo_cfg, reward_model=rm, ref=ref, eval_scorers=scorers)
     trainer = Trainer(stage, train_cfg, run_dir, train_set, collate_prompts, eval_set, preset=args.preset,
                       config_record=record, dist_info=d)
     metrics = trainer.fit(resume=bool(args.resume))

@@ -19,20 +19,21 @@ from cli import (
     config_record,
     held_out_source,
     model_config,
+    new_run_dir,
     parser,
     print_main,
     resumed_args,
     seed_process,
     train_config,
 )
-from common import make_run_dir, run_cli
+from common import run_cli
 from dataset import PreferenceDataset, collate_preference
 from gpt import mark_only_lora_trainable
 from tokenizer import get_tokenizer
 from trainers import Dist, RMStage, Trainer, process_device
 
 
-def main():
+def main(argv=None):
     ap = parser(__doc__)
     ap.add_argument("-p", "--init", default=None,
                     help="initial weights: an SFT run/checkpoint (recommended), 'huggingface' / omitted = the "
@@ -47,7 +48,7 @@ def main():
                          "('all' for data that is already split)")
     ap.add_argument("--max-length", type=int, default=None, help="longest sequence (default: block size)")
     add_common_args(ap, {"lr": 1e-5, "epochs": 1.0, "preset": "gpt2-medium"})
-    args = resumed_args(ap.parse_args())
+    args = resumed_args(ap.parse_args(argv))
 
     d = Dist()
     d.init(process_device(args.device, d))
@@ -69,7 +70,7 @@ def main():
     print_main(d, f"reward model: {args.preset}, {model.backbone.num_params() / 1e6:.1f}M parameters, "
                   f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable")
 
-    run_dir = args.resume or d.broadcast(make_run_dir("rm", args.name, args.out_dir) if d.is_main else None)
+    run_dir = new_run_dir("rm", args, d)
     record = config_record("rm", args, model_cfg, train_cfg,
                            data={"train": train_set.stats, "eval": eval_set and eval_set.stats})
     trainer = Trainer(RMStage(model), train_cfg, run_dir, train_set, collate_preference, eval_set,

@@ -21,20 +21,21 @@ from cli import (
     config_record,
     held_out_source,
     model_config,
+    new_run_dir,
     parser,
     print_main,
     resumed_args,
     seed_process,
     train_config,
 )
-from common import make_run_dir, run_cli
+from common import run_cli
 from dataset import SFTDataset, collate_sft
 from gpt import mark_only_lora_trainable
 from tokenizer import get_tokenizer
 from trainers import Dist, SFTStage, Trainer, process_device
 
 
-def main():
+def main(argv=None):
     ap = parser(__doc__)
     ap.add_argument("-p", "--init", default=None,
                     help="initial weights: 'huggingface' / omitted = the preset's GPT-2 weights (random for "
@@ -51,7 +52,7 @@ def main():
     ap.add_argument("--train-on-prompt", action="store_true", help="loss on prompt tokens too (the original)")
     ap.add_argument("--pack", action="store_true", help="pack several examples into each sequence")
     add_common_args(ap, {"lr": 1e-4, "preset": "gpt2-medium"})
-    args = resumed_args(ap.parse_args())
+    args = resumed_args(ap.parse_args(argv))
 
     d = Dist()
     d.init(process_device(args.device, d))
@@ -74,7 +75,7 @@ def main():
     print_main(d, f"model: {args.preset}, {model.num_params() / 1e6:.1f}M parameters, "
                   f"{model.num_params(trainable_only=True) / 1e6:.2f}M trainable")
 
-    run_dir = args.resume or d.broadcast(make_run_dir("sft", args.name, args.out_dir) if d.is_main else None)
+    run_dir = new_run_dir("sft", args, d)
     record = config_record("sft", args, model_cfg, train_cfg,
                            data={"train": train_set.stats, "eval": eval_set and eval_set.stats})
     trainer = Trainer(SFTStage(model), train_cfg, run_dir, train_set, collate_sft, eval_set,

@@ -527,10 +527,10 @@ class PPOStage(Stage):
     name = "ppo"
 
     def __init__(self, actor, critic, cfg, reward_model=None, reward_fn=None, ref=None, eval_scorers=None):
-        """`reward_model` (a RewardModel) or `reward_fn(generation) -> (B,) scores` gives the score.
-        `ref`: a frozen reference policy; None when the actor is LoRA (the reference is then the
-        actor with its adapters switched off). `eval_scorers`: extra name -> fn(generation) scores
-        reported at evaluation (e.g. the synthetic task's gold reward)."""
+        """`reward_model` (a RewardModel) or `reward_fn(generation, prompts) -> (B,) scores` gives the
+        score. `ref`: a frozen reference policy; None when the actor is LoRA (the reference is then
+        the actor with its adapters switched off). `eval_scorers`: extra name -> fn(generation,
+        prompts) scores reported at evaluation (e.g. the synthetic task's gold reward)."""
         from gpt import GPT
         if (reward_model is None) == (reward_fn is None):
             raise ValueError("give exactly one of reward_model and reward_fn")
@@ -576,9 +576,9 @@ class PPOStage(Stage):
         with trainer.autocast():
             return critic(seq, attn)[:, Tp - 1:-1].float()
 
-    def raw_scores(self, trainer, gen: Generation):
+    def raw_scores(self, trainer, gen: Generation, prompts):
         if self.reward_fn is not None:
-            return self.reward_fn(gen).to(trainer.device).float()
+            return torch.as_tensor(self.reward_fn(gen, prompts), dtype=torch.float32, device=trainer.device)
         with trainer.autocast():
             return self.frozen["rm"].score(gen.tokens, gen.attention_mask).float()
 
@@ -588,12 +588,12 @@ class PPOStage(Stage):
                 batch["input_ids"], batch["attention_mask"], max_new_tokens=self.cfg.max_new_tokens,
                 temperature=self.cfg.temperature, eos_id=EOS_ID, generator=generator)
 
-    def scores(self, trainer, gen: Generation):
+    def scores(self, trainer, gen: Generation, prompts):
         """RM scores, normalised (gain/bias) and with the missing-EOS penalty [6, 9, 13].
         Returns (scores, raw scores, ended)."""
         Tp = gen.prompt_len
         ended = ((gen.tokens[:, Tp:] == EOS_ID) & gen.response_mask[:, Tp:].bool()).any(dim=1)  # (B,)
-        raw = self.raw_scores(trainer, gen)
+        raw = self.raw_scores(trainer, gen, prompts)
         if not self.norm_fitted:  # first rollout: the SFT policy's own samples
             samples = torch.cat([torch.as_tensor(x) for x in trainer.dist.gather(raw[ended].cpu())])
             if samples.numel() >= 2:
@@ -619,7 +619,7 @@ class PPOStage(Stage):
             t_gen = time.time() - t0
             seq, attn, Tp = gen.tokens, gen.attention_mask, gen.prompt_len
             mask = gen.response_mask[:, Tp:].float()  # (B, Tn): 1 up to and including EOS
-            scores, raw, ended = self.scores(trainer, gen)
+            scores, raw, ended = self.scores(trainer, gen, batch["prompts"])
             B = seq.size(0)
             # Old log-probs, reference log-probs and values, in the same minibatches (same order,
             # same shapes) as the first PPO minibatch pass: the first ratio is then exactly 1 [17].
@@ -698,12 +698,13 @@ class PPOStage(Stage):
             gen = self.generate(trainer, batch, generator)
             seq, attn, Tp = gen.tokens, gen.attention_mask, gen.prompt_len
             mask = gen.response_mask[:, Tp:].float()
-            scores, raw, ended = self.scores(trainer, gen)
+            scores, raw, ended = self.scores(trainer, gen, batch["prompts"])
             logp = self.logprobs(trainer, self.models["model"], seq, attn, Tp)[0]
             kl = masked_sum(logp - self.ref_logprobs(trainer, seq, attn, Tp), mask, dim=1)
             row = {"score": raw, "score_normalized": scores, "kl": kl, "response_length": mask.sum(1),
                    "eos_rate": ended.float()}
-            row |= {name: fn(gen).float().to(trainer.device) for name, fn in self.eval_scorers.items()}
+            row |= {name: torch.as_tensor(fn(gen, batch["prompts"]), dtype=torch.float32, device=trainer.device)
+                    for name, fn in self.eval_scorers.items()}
             for k, v in row.items():
                 sums[k] = sums.get(k, 0.0) + v.sum().item()
             n += seq.size(0)

@@ -43,7 +43,7 @@ def word_policy(tmp_path_factory):
     return model.state_dict()
 
 
-def target_fraction(gen: Generation) -> torch.Tensor:
+def target_fraction(gen: Generation, prompts) -> torch.Tensor:
     """The test's reward: fraction of response tokens (EOS excluded) that are the target word."""
     tok = get_tokenizer()
     target = tok.encode(TARGET)[0]
