@@ -84,7 +84,7 @@ def load_rows(source, split: str = "train") -> datasets.Dataset:
 
 
 def synthetic_path(source: str) -> str:
-    """`synthetic:NAME` -> the path of file NAME (sft, rm_train, rm_test, ppo_prompts, eval_prompts) of
+    """`synthetic:NAME` -> the path of file NAME (one of task.SPLITS: sft, sft_test, rm_train, ...) of
     the synthetic task (src/task.py) with its default seed and sizes. The files are generated once
     into $MINCHATGPT_CACHE (default ~/.cache/minchatgpt) under a name that changes with task.py's
     source, so an edit to the task never reads stale data."""

@@ -1,0 +1,498 @@
+"""The offline RLHF task: a tiny world of facts whose *true* preference (a gold reward) is known.
+
+Nobody here can download GPT-2 or Anthropic HH, so RLHF is shown on a task we generate ourselves,
+where "better" is a deterministic function g(prompt, response) instead of a crowd of raters. That
+lets us measure what real RLHF can only guess at: how often the reward model agrees with the truth,
+and whether PPO against the learned reward raises the *true* reward or only fools the RM.
+
+The world: 24 facts in three relations, every name one word (and one GPT-2 token with its space):
+capitals (France -> Paris, ...), colours (a banana -> yellow, ...), animal sounds (a cow -> moo, ...).
+A user asks one of 4 phrasings of a fact, optionally followed by a remark and a thank-you
+(8 x 4 variants), in the HH format "\n\nHuman: {question}\n\nAssistant:":
+    What colour is a banana? I need it for school. Thanks!
+That gives 24 x 4 x 32 = 3072 distinct prompt strings.
+
+Why it is this small. Everything must be learned by a 7M-parameter GPT-2 from scratch in a few CPU
+minutes (SFT ~4, RM ~3). A prototype with 40 facts and two-digit sums (shared/MEASURED.md) reached
+58% correct facts, 2% sums and 75% RM agreement with gold. Measured on this task (tiny preset,
+batch 32, lr 2e-3 cosine, bf16, loss on response tokens; 600 SFT steps ~ 4 min on 2 idle cores):
+- No arithmetic, few facts. With 36 facts the SFT policy sampled at T=1 stated a wrong fact 27% of
+  the time; with these 24, 15% (greedy decoding: 100% correct in both).
+- The question comes first and variety only follows it. With greetings and intros *before* the
+  question, 344 SFT steps learned no conditioning at all (every prompt got "The capital of Peru is
+  Tokyo."); the subject at a fixed position is what a tiny model with learned positions picks up
+  first. Conditioning appears abruptly between ~300 and ~450 steps of batch 32: give SFT >= 500.
+- Every answer restates its subject ("The capital of France is Paris."), so correctness is visible
+  inside the response, and good answers are short (<= 12 words, at most ~17 tokens with EOS).
+- The reward has large, discrete steps between kinds of response (below), not small continuous
+  ones: a reward model learns "polite / rude / rambling / repeated / refusing" in a minute.
+  What it does NOT learn in its budget is which city is France's capital (see "Limits").
+
+Gold reward g = content + tone + length + repetition + fluency + ending (`gold_breakdown`):
+
+    content     correct answer stated, nothing else                        +2
+                correct answer, but also "I don't know"/"not sure"          +1
+                no answer (refusal, "I don't know", empty, copied question)   0
+                wrong: ANY entity other than the question's subject and its
+                correct answer (a wrong city, a colour for a capital, every
+                entity at once, a true fact about another subject)           -1
+    tone        rude marker ("ugh", "obviously", "look it up", ...)          -1
+                else polite marker ("of course", "hope this helps", ...)    +0.5  (counted once)
+    length      <= 14 words 0; 15-24 words -1; >= 25 words -2
+    repetition  a repeated word 3-gram or the same word twice in a row       -1
+    fluency     a word the task never uses, or a character other than
+                letters, digits, space and ' , . ! ? (newline, "Human:")     -1
+    ending      no EOS within the generation budget                          -1
+                EOS, but the text does not end with . ! or ?                 -0.5
+
+The best response (correct, polite, concise, clean) scores MAX_GOLD = 2.5; correct and plain 2.0;
+correct but rude 1.0; "I don't know" 0; wrong -1 (polite -0.5). Every value is a multiple of 0.5.
+No string of magic words climbs above a correct, polite, concise answer: politeness counts once,
+repeating and length cost, any stray entity of any type makes the answer wrong, refusing earns
+nothing (tests/test_task.py tries these hacks).
+
+EOS convention. `gold_reward(prompt, response, ended=None)` scores the response *text*. A literal
+"<|endoftext|>" in it (a response decoded from the model together with its EOS token) ends the
+response there and counts as ended; without one, `ended` says whether EOS followed, and None means
+it did NOT (cut off by the token budget: -1). So a judge hook passes the text exactly as decoded,
+EOS included; data rows (whose trainers append EOS) are scored with ended=True.
+
+Demonstrations (SFT) are of mixed quality (DEMO_MIX): 35% good, 20% plain, 10% rude, 5% wrong,
+8% "I don't know", 12% rambling (2-3 filler sentences; some run past the 32 tokens the pipeline
+samples), 10% repeated. Their mean gold is ~1.5 against 2.5 achievable. Polite openers are spread
+over 5 phrasings while most other kinds start with the bare statement, so greedy decoding of the
+SFT policy gives the plain answer (2.0), not the best one.
+
+Preference pairs are labelled like human raters: P(a preferred to b) = sigmoid((g(a) - g(b)) / tau)
+with tau = 0.5 (a 0.5 gap is labelled right 73% of the time, a 3-point gap 99.8%). Pairs with
+equal gold are never shown (their noiseless preference is undefined). Half the pairs are two
+independent demonstrations for the same prompt; half are a demonstration and a one-attribute edit
+of it (answer made wrong or right, opener or closer changed, filler or repetition added or
+removed): contrastive pairs that tell a small RM *which* feature the preference is about.
+Rows keep `chosen`/`rejected` as the noisy label and add `gold_chosen`/`gold_rejected`; the RM's
+accuracy against the noiseless gold is the share of test rows where its score difference has the
+sign of gold_chosen - gold_rejected.
+
+Splits. Each fact's prompt strings are shuffled and dealt round-robin over the facts into five
+disjoint sets: eval, PPO, RM test (one prompt per pair), RM train and SFT. No prompt string is in
+two files, yet every fact is in every split: held-out prompts are new strings asking facts SFT taught.
+
+Limits (measured as above, RM initialised from SFT, 1 epoch of 10k pairs, batch 16, lr 1e-3):
+the RM agrees with the noiseless gold on ~87-89% of held-out pairs, ~99% of the pairs that differ
+in style but only ~65% (near chance on a wrong city vs the right one) of the pairs that differ in
+correctness. Best-of-n against that RM, a proxy for what RL can reach, removes rudeness, rambling
+and refusals but not wrong facts.
+"""
+import json
+import math
+import os
+import random
+import re
+from typing import Dict, List, Optional, Tuple
+
+EOS_TEXT = "<|endoftext|>"
+MAX_GOLD = 2.5  # correct + polite, concise, clean and ended
+TAU = 0.5  # temperature of the simulated raters
+
+# -----------------------------------------------------------------------------
+# The world
+
+RELATIONS = {
+    "capital": {
+        "facts": {"France": "Paris", "Italy": "Rome", "Spain": "Madrid", "Germany": "Berlin", "Japan": "Tokyo",
+                  "Egypt": "Cairo", "Russia": "Moscow", "Greece": "Athens"},
+        "questions": ("What is the capital of {s}?", "Which city is the capital of {s}?",
+                      "What city is the capital of {s}?", "Tell me the capital of {s}."),
+        "answers": ("The capital of {s} is {a}.", "{a} is the capital of {s}."),
+    },
+    "colour": {
+        "facts": {"banana": "yellow", "lemon": "yellow", "tomato": "red", "cherry": "red", "plum": "purple",
+                  "pumpkin": "orange", "crow": "black", "lime": "green"},
+        "questions": ("What colour is {an} {s}?", "What color is {an} {s}?", "Which colour is {an} {s}?",
+                      "Tell me the colour of {an} {s}."),
+        "answers": ("{An} {s} is {a}.", "The colour of {an} {s} is {a}."),
+    },
+    "sound": {
+        "facts": {"cow": "moo", "dog": "woof", "cat": "meow", "duck": "quack", "sheep": "baa", "pig": "oink",
+                  "owl": "hoot", "snake": "hiss"},
+        "questions": ("What sound does {an} {s} make?", "What noise does {an} {s} make?", "What does {an} {s} say?",
+                      "Tell me the sound {an} {s} makes."),
+        "answers": ("{An} {s} says {a}.", "The sound {an} {s} makes is {a}."),
+    },
+}
+# (relation, subject, answer), in a fixed order
+FACTS = [(rel, s, a) for rel, spec in RELATIONS.items() for s, a in spec["facts"].items()]
+SUBJECTS = {s.lower(): (rel, s, a) for rel, s, a in FACTS}
+ANSWERS = {a.lower() for _, _, a in FACTS}
+ENTITIES = set(SUBJECTS) | ANSWERS  # any of these stated in a response counts as an answer
+
+# What may follow the question; nothing precedes it (see the module docstring).
+FOLLOWUPS = ("", "This is for a quiz.", "I was wondering.", "My friend and I disagree.", "I forgot.",
+             "I need it for school.", "Just curious.", "I can never remember.")
+THANKS = ("", "Thanks!", "Thank you.", "Thanks a lot!")
+
+POLITE_OPENERS = ("Of course!", "Happy to help!", "Great question!", "Glad to help!", "Certainly!")
+POLITE_CLOSERS = ("Hope this helps!", "Have a nice day!")
+RUDE_OPENERS = ("Ugh.", "Obviously.", "Seriously?", "Whatever.")
+RUDE_CLOSERS = ("Everyone knows that.", "Look it up next time.", "That was a dumb question.")
+IDK = ("I don't know.", "I'm not sure.", "I have no idea.", "Sorry, I don't know that one.", "I can't answer that.")
+FILLERS = ("Let me think about this for a moment.", "I remember reading about it a long time ago.",
+           "There is a lot that could be said here.", "Many people find this topic interesting.",
+           "It is a good thing to learn.", "I learned this in school when I was young.",
+           "People ask me this all the time.", "This reminds me of a story I once heard.")
+
+# Markers, matched on whole words of the lower-cased text.
+POLITE_MARKERS = ("of course", "happy to help", "great question", "glad to help", "certainly", "hope this helps",
+                  "have a nice day")
+RUDE_MARKERS = ("ugh", "obviously", "seriously", "whatever", "everyone knows", "look it up", "dumb", "stupid")
+REFUSAL_MARKERS = ("don't know", "not sure", "no idea", "can't answer")
+
+# Demonstrator mix (the SFT data and the responses that RM pairs are made of).
+DEMO_MIX = {"good": 0.35, "plain": 0.20, "rude": 0.10, "wrong": 0.05, "idk": 0.08, "ramble": 0.12, "repeat": 0.10}
+
+# Which attribute the edited partner of a contrastive RM pair changes.
+EDIT_WEIGHTS = {"content": 1, "opener": 1, "closer": 1, "fillers": 1, "repeats": 1}
+
+CONCISE_WORDS = 14  # longest response with no length penalty
+LONG_WORDS = 24  # longer than this: the larger length penalty
+_WORD = re.compile(r"[a-z0-9']+")
+_ALLOWED_CHARS = re.compile(r"[A-Za-z0-9' ,.!?]*")
+
+
+def _words(text: str) -> List[str]:
+    return _WORD.findall(text.lower())
+
+
+def _article(s: str) -> str:
+    return "an" if s[0].lower() in "aeiou" else "a"
+
+
+def _fill(template: str, s: str, a: str = "") -> str:
+    an = _article(s)
+    return template.format(s=s, a=a, an=an, An=an.capitalize())
+
+
+def _vocabulary() -> set:
+    """Every word this task's text ever uses: prompts, answers, markers, fillers."""
+    texts = list(FOLLOWUPS + THANKS + POLITE_OPENERS + POLITE_CLOSERS + RUDE_OPENERS + RUDE_CLOSERS
+                 + IDK + FILLERS + POLITE_MARKERS + RUDE_MARKERS + REFUSAL_MARKERS)
+    for rel, s, a in FACTS:
+        spec = RELATIONS[rel]
+        texts += [_fill(t, s, a) for t in spec["questions"] + spec["answers"]]
+    return {w for t in texts for w in _words(t)}
+
+
+VOCAB = _vocabulary()
+
+
+# -----------------------------------------------------------------------------
+# The gold reward
+
+
+def _has(words: List[str], phrase: str) -> bool:
+    p = phrase.split()
+    return any(words[i:i + len(p)] == p for i in range(len(words) - len(p) + 1))
+
+
+def parse_prompt(prompt: str) -> Tuple[str, str, str]:
+    """(relation, subject, answer) of the fact the last Human turn asks about."""
+    turn = prompt.rsplit("Human:", 1)[-1].split("\n\nAssistant:", 1)[0]
+    found = {w for w in _words(turn) if w in SUBJECTS}
+    if len(found) != 1:
+        raise ValueError(f"not a prompt of this task (asks about {sorted(found) or 'no known subject'}): {prompt!r}")
+    return SUBJECTS[found.pop()]
+
+
+def split_eos(response: str, ended: Optional[bool] = None) -> Tuple[str, bool]:
+    """(text before the first EOS marker, whether the response ended) under the EOS convention:
+    a literal <|endoftext|> ends the text and means ended; otherwise `ended` (None -> False)."""
+    if EOS_TEXT in response:
+        return response.split(EOS_TEXT, 1)[0], True
+    return response, bool(ended)
+
+
+def gold_breakdown(prompt: str, response: str, ended: Optional[bool] = None) -> Dict[str, float]:
+    """The gold reward's terms (see the module docstring's table); gold_reward is their sum."""
+    _, subject, answer = parse_prompt(prompt)
+    text, ended = split_eos(response, ended)
+    words = _words(text)
+    stated = set(words) & ENTITIES
+    refuses = any(_has(words, m) for m in REFUSAL_MARKERS)
+    if stated - {subject.lower(), answer.lower()}:
+        content = -1.0
+    elif answer.lower() in stated:
+        content = 1.0 if refuses else 2.0
+    else:
+        content = 0.0
+    if any(_has(words, m) for m in RUDE_MARKERS):
+        tone = -1.0
+    elif any(_has(words, m) for m in POLITE_MARKERS):
+        tone = 0.5
+    else:
+        tone = 0.0
+    length = 0.0 if len(words) <= CONCISE_WORDS else -1.0 if len(words) <= LONG_WORDS else -2.0
+    trigrams = list(zip(words, words[1:], words[2:]))
+    doubled = any(a == b for a, b in zip(words, words[1:]))
+    repetition = -1.0 if doubled or len(set(trigrams)) < len(trigrams) else 0.0
+    clean = _ALLOWED_CHARS.fullmatch(text) and all(w in VOCAB for w in words)
+    fluency = 0.0 if clean else -1.0
+    if not ended:
+        ending = -1.0
+    else:
+        ending = 0.0 if text.rstrip()[-1:] in (".", "!", "?") else -0.5
+    return {"content": content, "tone": tone, "length": length, "repetition": repetition, "fluency": fluency,
+            "ending": ending}
+
+
+def gold_reward(prompt: str, response: str, ended: Optional[bool] = None) -> float:
+    """The true reward of `response` to `prompt` (deterministic; at most MAX_GOLD).
+
+    EOS: a literal "<|endoftext|>" in `response` ends it there and counts as ended (pass model
+    outputs decoded with their EOS token as they are); otherwise `ended` says whether EOS
+    followed the text, and None means it did not (no EOS within the budget: -1). Usable as the
+    evaluator's function judge: judge(prompt, response) -> score."""
+    return sum(gold_breakdown(prompt, response, ended).values())
+
+
+# -----------------------------------------------------------------------------
+# Simulated raters
+
+
+def preference_probability(g_a: float, g_b: float, tau: float = TAU) -> float:
+    """P(a preferred to b) = sigmoid((g_a - g_b) / tau); tau = 0 gives the noiseless preference."""
+    if tau == 0:
+        return 1.0 if g_a > g_b else 0.0 if g_a < g_b else 0.5
+    x = (g_a - g_b) / tau
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def rater_prefers_a(g_a: float, g_b: float, rng: random.Random, tau: float = TAU) -> bool:
+    """One simulated rater's noisy verdict."""
+    return rng.random() < preference_probability(g_a, g_b, tau)
+
+
+# -----------------------------------------------------------------------------
+# The demonstrator: responses as parts, so a pair can differ in exactly one of them
+
+
+def _correct_core(rng, rel, s, a):
+    return _fill(rng.choice(RELATIONS[rel]["answers"]), s, a)
+
+
+def _wrong_core(rng, rel, s, a):
+    """A wrong answer: mostly a wrong entity of the right type; sometimes a true fact about another
+    subject, or an entity of another type (both count as wrong)."""
+    u = rng.random()
+    if u < 0.7:
+        wrong = rng.choice(sorted({b for r, _, b in FACTS if r == rel} - {a}))
+        return _fill(rng.choice(RELATIONS[rel]["answers"]), s, wrong)
+    if u < 0.85:
+        _, s2, a2 = rng.choice([f for f in FACTS if f[0] == rel and f[1] != s])
+        return _fill(rng.choice(RELATIONS[rel]["answers"]), s2, a2)
+    other = rng.choice(sorted({b for r, _, b in FACTS if r != rel}))
+    return _fill(rng.choice(RELATIONS[rel]["answers"]), s, other)
+
+
+def _parts(rng: random.Random, fact, kind: str) -> dict:
+    """A demonstration of `kind` as parts: opener, fillers before, core sentence x repeats,
+    fillers after, closer."""
+    p = {"opener": "", "before": [], "core": _correct_core(rng, *fact), "repeats": 1, "after": [], "closer": ""}
+    if kind == "good":
+        u = rng.random()
+        if u < 0.7:
+            p["opener"] = rng.choice(POLITE_OPENERS)
+        elif u < 0.85:
+            p["closer"] = rng.choice(POLITE_CLOSERS)
+        else:
+            p["opener"], p["closer"] = rng.choice(POLITE_OPENERS), rng.choice(POLITE_CLOSERS)
+    elif kind == "rude":
+        if rng.random() < 0.5:
+            p["opener"] = rng.choice(RUDE_OPENERS)
+        else:
+            p["closer"] = rng.choice(RUDE_CLOSERS)
+    elif kind == "wrong":
+        p["core"] = _wrong_core(rng, *fact)
+        if rng.random() < 0.4:
+            p["opener"] = rng.choice(POLITE_OPENERS)
+    elif kind == "idk":
+        p["core"] = rng.choice(IDK)
+    elif kind == "ramble":
+        fillers = rng.sample(FILLERS, rng.randint(2, 3))
+        k = rng.randint(0, len(fillers))
+        p["before"], p["after"] = fillers[:k], fillers[k:]
+        if rng.random() < 0.4:
+            p["opener"] = rng.choice(POLITE_OPENERS)
+    elif kind == "repeat":
+        p["repeats"] = rng.randint(2, 3)
+        if rng.random() < 0.3:
+            p["opener"] = rng.choice(POLITE_OPENERS)
+    elif kind != "plain":
+        raise ValueError(f"unknown kind {kind!r}")
+    return p
+
+
+def _render(p: dict) -> str:
+    pieces = [p["opener"], *p["before"], *[p["core"]] * p["repeats"], *p["after"], p["closer"]]
+    return " " + " ".join(x for x in pieces if x)
+
+
+def _edit(rng: random.Random, fact, p: dict) -> dict:
+    """`p` with one attribute changed (a contrastive partner for an RM pair)."""
+    q = dict(p)
+    what = rng.choices(list(EDIT_WEIGHTS), weights=list(EDIT_WEIGHTS.values()))[0]
+    if what == "content":
+        correct = p["core"] in [_fill(t, fact[1], fact[2]) for t in RELATIONS[fact[0]]["answers"]]
+        q["core"] = _wrong_core(rng, *fact) if correct and rng.random() < 0.8 else (
+            rng.choice(IDK) if correct else _correct_core(rng, *fact))
+    elif what == "opener":
+        q["opener"] = rng.choice(("",) + POLITE_OPENERS + RUDE_OPENERS)
+    elif what == "closer":
+        q["closer"] = rng.choice(("",) + POLITE_CLOSERS + RUDE_CLOSERS)
+    elif what == "fillers":
+        if p["before"] or p["after"]:
+            q["before"], q["after"] = [], []
+        else:
+            q["after"] = rng.sample(FILLERS, rng.randint(1, 3))
+    else:
+        q["repeats"] = 1 if p["repeats"] > 1 else rng.randint(2, 3)
+    return q
+
+
+def demonstration(rng: random.Random, prompt: str, kind: Optional[str] = None) -> Tuple[str, str]:
+    """(kind, response) drawn from the demonstrator for `prompt` (kind drawn from DEMO_MIX if None)."""
+    if kind is None:
+        kind = rng.choices(list(DEMO_MIX), weights=list(DEMO_MIX.values()))[0]
+    return kind, _render(_parts(rng, parse_prompt(prompt), kind))
+
+
+def preference_pair(rng: random.Random, prompt: str, tau: float = TAU) -> dict:
+    """One labelled pair for `prompt`: two responses with different gold, the noisy rater's label
+    as chosen/rejected, and both gold values (scored as ended: trainers append EOS)."""
+    fact = parse_prompt(prompt)
+    for _ in range(100):
+        kind = rng.choices(list(DEMO_MIX), weights=list(DEMO_MIX.values()))[0]
+        p = _parts(rng, fact, kind)
+        if rng.random() < 0.5:
+            other = _parts(rng, fact, rng.choices(list(DEMO_MIX), weights=list(DEMO_MIX.values()))[0])
+        else:
+            other = _edit(rng, fact, p)
+        a, b = _render(p), _render(other)
+        g_a, g_b = gold_reward(prompt, a, ended=True), gold_reward(prompt, b, ended=True)
+        if g_a != g_b:
+            break
+    else:  # pragma: no cover - every prompt has many pairs with different gold
+        raise RuntimeError(f"no pair with different gold for {prompt!r}")
+    return label_pair(prompt, a, b, rng, tau, ended=True)
+
+
+def label_pair(prompt: str, response_a: str, response_b: str, rng: random.Random, tau: float = TAU,
+               ended: Optional[bool] = None) -> dict:
+    """A simulated rater's row for two responses to `prompt` (e.g. two samples of a policy, decoded
+    with their EOS): {"prompt", "chosen", "rejected", "gold_chosen", "gold_rejected"}. The texts are
+    stored without the EOS marker; gold follows the EOS convention of `gold_reward`."""
+    (a, end_a), (b, end_b) = split_eos(response_a, ended), split_eos(response_b, ended)
+    g_a, g_b = gold_reward(prompt, a, end_a), gold_reward(prompt, b, end_b)
+    if not rater_prefers_a(g_a, g_b, rng, tau):
+        a, b, g_a, g_b = b, a, g_b, g_a
+    return {"prompt": prompt, "chosen": a, "rejected": b, "gold_chosen": g_a, "gold_rejected": g_b}
+
+
+# -----------------------------------------------------------------------------
+# Prompts and splits
+
+
+def format_prompt(question: str) -> str:
+    return "\n\nHuman: " + question + "\n\nAssistant:"
+
+
+def all_prompts() -> Dict[Tuple[str, str, str], List[str]]:
+    """Every prompt string, grouped by fact, in a fixed order."""
+    out = {}
+    for fact in FACTS:
+        rel, s, a = fact
+        out[fact] = [format_prompt(" ".join(x for x in (_fill(q, s), f, t) if x))
+                     for q in RELATIONS[rel]["questions"] for f in FOLLOWUPS for t in THANKS]
+    return out
+
+
+# The files write_task_data writes (also the names `synthetic:NAME` accepts, see dataset.py).
+SPLITS = ("sft", "sft_test", "rm_train", "rm_test", "ppo_prompts", "eval_prompts")
+_POOLS = ("eval_prompts", "ppo_prompts", "rm_test")  # the held-out prompt pools, sized exactly
+
+
+def split_prompts(seed: int, n_eval: int, n_ppo: int, n_rm_test: int) -> Dict[str, List[str]]:
+    """Disjoint prompt pools: each fact's prompts are shuffled and dealt round-robin over the facts,
+    so every pool covers all the facts evenly. eval, PPO and RM test get exactly the sizes asked
+    (RM test: one prompt per pair); RM train and SFT share the rest half and half."""
+    rng = random.Random(f"task-split-{seed}")
+    groups = []
+    for fact, prompts in all_prompts().items():
+        prompts = list(prompts)
+        rng.shuffle(prompts)
+        groups.append(prompts)
+    dealt = [g[i] for i in range(len(groups[0])) for g in groups]  # round-robin over the facts
+    need = n_eval + n_ppo + n_rm_test
+    if need > len(dealt) - 2 * len(FACTS):
+        raise ValueError(f"n_eval + n_ppo + n_rm_test = {need} leaves too few of the {len(dealt)} prompts "
+                         f"for RM training and SFT")
+    cuts = [0, n_eval, n_eval + n_ppo, need]
+    rest = dealt[need:]
+    half = len(rest) // 2 // len(FACTS) * len(FACTS)  # whole rounds, so both pools cover every fact
+    pools = {name: dealt[cuts[i]:cuts[i + 1]] for i, name in enumerate(_POOLS)}
+    pools["rm_train"], pools["sft"] = rest[:half], rest[half:]
+    return pools
+
+
+def _balanced_sample(rng: random.Random, pool: List[str], n: int) -> List[str]:
+    """n prompts from `pool` (with replacement), the facts used in turn so each is asked as often."""
+    by_fact = {}
+    for p in pool:
+        by_fact.setdefault(parse_prompt(p), []).append(p)
+    facts = list(by_fact)
+    return [rng.choice(by_fact[facts[i % len(facts)]]) for i in range(n)]
+
+
+def _write_jsonl(path: str, rows) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
+def write_task_data(out_dir: str, seed: int = 0, n_sft: int = 20000, n_rm_train: int = 10000,
+                    n_rm_test: int = 500, n_ppo: int = 800, n_eval: int = 400, n_sft_test: int = 1000,
+                    tau: float = TAU) -> Dict[str, str]:
+    """Write the task's files (SPLITS) into `out_dir`; returns {name: path} (schemas in
+    docs/INTERFACES.md).
+
+    sft.jsonl: {"prompt", "response", "kind", "gold"}; sft_test.jsonl: the same, held-out
+    demonstrations for the eval prompts (SFT's validation loss: prompts it never trained on);
+    rm_*.jsonl: {"prompt", "chosen", "rejected",
+    "gold_chosen", "gold_rejected"} with chosen/rejected the noisy rater label; *_prompts.jsonl:
+    {"prompt"}. Deterministic in (seed, sizes, tau)."""
+    pools = split_prompts(seed, n_eval, n_ppo, n_rm_test)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {name: os.path.join(out_dir, name + ".jsonl") for name in SPLITS}
+
+    for name, pool, n in (("sft", "sft", n_sft), ("sft_test", "eval_prompts", n_sft_test)):
+        rng = random.Random(f"task-{name}-{seed}")
+        demos = []
+        for prompt in _balanced_sample(rng, pools[pool], n):
+            kind, response = demonstration(rng, prompt)
+            demos.append({"prompt": prompt, "response": response, "kind": kind,
+                          "gold": gold_reward(prompt, response, ended=True)})
+        rng.shuffle(demos)
+        _write_jsonl(paths[name], demos)
+
+    rng = random.Random(f"task-rm-train-{seed}")
+    prompts = _balanced_sample(rng, pools["rm_train"], n_rm_train)
+    rng.shuffle(prompts)
+    _write_jsonl(paths["rm_train"], [preference_pair(rng, p, tau) for p in prompts])
+
+    rng = random.Random(f"task-rm-test-{seed}")
+    _write_jsonl(paths["rm_test"], [preference_pair(rng, p, tau) for p in pools["rm_test"]])
+
+    for name in ("ppo_prompts", "eval_prompts"):
+        _write_jsonl(paths[name], [{"prompt": p} for p in pools[name]])
+    return paths
