@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from common import UserError
 from configs import EOS_ID, ModelConfig
+from loss import linear_logprobs
 
 # -----------------------------------------------------------------------------
 # Building blocks
@@ -161,8 +162,44 @@ def position_ids(attention_mask: Optional[torch.Tensor], T: int, past: int, devi
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T)
 
 
+@contextmanager
+def _decoding_layout(model: nn.Module):
+    """Lay every weight matrix out input-major in memory while decoding in fp32 on a CPU.
+
+    Decoding multiplies a handful of rows (one new token per sequence) by each weight; CPU GEMM
+    kernels do that ~2x faster when an (out, in) weight is stored as (in, out) in memory, the
+    layout of transformers' Conv1D (measured: benchmarks/README.md). Shapes and values stay the
+    same, only the strides change, and the original tensors come back afterwards. The price is a
+    second copy of the weight matrices while it lasts. Elsewhere (GPU, bf16) it does nothing:
+    there the layout makes no such difference.
+    """
+    device = next(model.parameters()).device
+    if device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+        yield
+        return
+    params = [p for p in model.parameters() if p.dim() == 2]
+    saved = [p.data for p in params]
+    try:
+        for p in params:
+            p.data = p.data.t().contiguous().t()  # same (out, in) tensor, stored column by column
+        yield
+    finally:
+        for p, data in zip(params, saved):
+            p.data = data
+
+
 # -----------------------------------------------------------------------------
 # The language model (the policy / actor in RLHF)
+
+
+class OutputLayer(NamedTuple):
+    """logits = h W^T with W (V, C) the token embedding (GPT-2 ties them). A plain object, not a
+    module: the weight belongs to `wte`, so state dicts and optimizers see it once."""
+
+    weight: torch.Tensor
+
+    def __call__(self, h):
+        return F.linear(h, self.weight)
 
 
 class Generation(NamedTuple):
@@ -216,9 +253,11 @@ class GPT(nn.Module):
             kv_cache.length = past + T
         return self.ln_f(x)  # (B, T, C)
 
-    def lm_head(self, h):
-        """Hidden states (..., C) -> logits (..., V), through the tied token embedding."""
-        return F.linear(h, self.wte.weight)
+    @property
+    def lm_head(self) -> "OutputLayer":
+        """The output layer: lm_head(h) maps hidden states (..., C) to logits (..., V) through the
+        tied token embedding, and lm_head.weight is that embedding (for the fused losses)."""
+        return OutputLayer(self.wte.weight)
 
     def logits(self, idx, attention_mask=None):
         """Full logits (B, T, V), as GPT2LMHeadModel returns them."""
@@ -269,28 +308,29 @@ class GPT(nn.Module):
         new_mask = torch.zeros_like(new)  # (B, Tn)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         mask = prompt_mask
-        h_last = self(prompt_ids, prompt_mask, kv_cache=cache)[:, -1]  # (B, C)
         n = 0
-        for t in range(max_new_tokens):
-            alive = (~finished).nonzero().squeeze(1)  # rows still generating
-            logits = self.lm_head(h_last[alive]).float()  # (b, V)
-            nxt = sample_from_logits(logits, temperature, top_k, top_p, generator)  # (b,)
-            new[alive, t] = nxt
-            new_mask[alive, t] = 1
-            n = t + 1
-            if eos_id is not None:
-                finished[alive] |= nxt == eos_id
-            for row in alive.tolist() if stop_strings else ():
-                tail = tokenizer.decode(new[row, max(0, t + 1 - stop_window):t + 1])
-                if any(s in tail for s in stop_strings):
-                    finished[row] = True
-            if finished.all() or t == max_new_tokens - 1:
-                break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, Tp + t + 1)
-            if use_cache:
-                h_last = self(new[:, t:t + 1], mask, kv_cache=cache)[:, -1]
-            else:
-                h_last = self(torch.cat([prompt_ids, new[:, :t + 1]], 1), mask)[:, -1]
+        with _decoding_layout(self):
+            h_last = self(prompt_ids, prompt_mask, kv_cache=cache)[:, -1]  # (B, C)
+            for t in range(max_new_tokens):
+                alive = (~finished).nonzero().squeeze(1)  # rows still generating
+                logits = self.lm_head(h_last[alive]).float()  # (b, V)
+                nxt = sample_from_logits(logits, temperature, top_k, top_p, generator)  # (b,)
+                new[alive, t] = nxt
+                new_mask[alive, t] = 1
+                n = t + 1
+                if eos_id is not None:
+                    finished[alive] |= nxt == eos_id
+                for row in alive.tolist() if stop_strings else ():
+                    tail = tokenizer.decode(new[row, max(0, t + 1 - stop_window):t + 1])
+                    if any(s in tail for s in stop_strings):
+                        finished[row] = True
+                if finished.all() or t == max_new_tokens - 1:
+                    break
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, Tp + t + 1)
+                if use_cache:
+                    h_last = self(new[:, t:t + 1], mask, kv_cache=cache)[:, -1]
+                else:
+                    h_last = self(torch.cat([prompt_ids, new[:, :t + 1]], 1), mask)[:, -1]
         response_mask = torch.cat([torch.zeros_like(prompt_mask), new_mask[:, :n]], dim=1)
         return Generation(
             tokens=torch.cat([prompt_ids, new[:, :n]], dim=1),
@@ -397,17 +437,24 @@ def hf_tokenizer():
 
 
 def logprobs_from_hidden(lm_head, h, targets, temperature: float = 1.0, with_entropy: bool = False,
-                         chunk_rows: int = 4096):
+                         chunk_rows: Optional[int] = None):
     """Log-probs of `targets` (B, Tr) under softmax(lm_head(h) / temperature), h (B, Tr, C).
 
     With temperature T the policy is softmax(logits / T), the distribution sampled from; old, new
     and reference log-probs must all use the same T (RLHF_DETAILS item 8). Logits are made
-    `chunk_rows` positions at a time: a (B*Tr, 50257) fp32 tensor is large.
+    `chunk_rows` positions at a time: a (B*Tr, 50257) fp32 tensor is large. When lm_head has a
+    `.weight` and no bias (GPT.lm_head), no logits are kept for backward (loss.linear_logprobs
+    recomputes them chunk by chunk). Any other callable goes through plain autograd.
     Returns (logprobs (B, Tr), entropy (B, Tr) or None); the entropy carries no gradient.
     """
     B, Tr, C = h.shape
     h, targets = h.reshape(B * Tr, C), targets.reshape(B * Tr)
+    weight = getattr(lm_head, "weight", None)
+    if weight is not None and getattr(lm_head, "bias", None) is None:
+        logp, ent = linear_logprobs(h, weight, targets, temperature, with_entropy, chunk_rows)
+        return logp.view(B, Tr), (ent.view(B, Tr) if with_entropy else None)
     logps, ents = [], []
+    chunk_rows = chunk_rows or 4096
     for i in range(0, B * Tr, chunk_rows):
         logits = lm_head(h[i:i + chunk_rows]).float() / temperature  # (n, V)
         lse = torch.logsumexp(logits, dim=-1)  # (n,)
@@ -424,11 +471,13 @@ def sample_from_logits(logits, temperature=1.0, top_k=None, top_p=None, generato
     softmax(logits / temperature), optionally restricted to the top-k / nucleus top-p tokens.
 
     Sampling inverts the CDF with one uniform number per row (searchsorted on the cumulative sum),
-    which is the same distribution as torch.multinomial and much cheaper over 50257 tokens.
+    which is the same distribution as torch.multinomial and much cheaper over 50257 tokens. The
+    CDF is left unnormalised (the uniform number is scaled to its total instead), saving a pass.
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    if temperature != 1.0:
+        logits = logits / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (b, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -437,7 +486,7 @@ def sample_from_logits(logits, temperature=1.0, top_k=None, top_p=None, generato
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already >= p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    cdf = logits.softmax(dim=-1).cumsum(dim=-1)  # (b, V)
+    cdf = (logits - logits.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1)  # (b, V), unnormalised
     u = torch.rand(cdf.size(0), 1, device=cdf.device, generator=generator) * cdf[:, -1:]  # (b, 1)
     return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1).squeeze(1)
 

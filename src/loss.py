@@ -8,6 +8,8 @@ References: language-model cross-entropy; Bradley–Terry pairwise ranking loss 
 (Schulman et al. 2016) as used for RLHF by Ziegler et al. 2019 and Huang et al. 2023/2024;
 KL estimators k1/k3 from Schulman, "Approximating KL divergence" (2020).
 """
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -48,12 +50,14 @@ def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
 # Supervised fine-tuning
 
 
-def lm_loss(lm_head, hidden, input_ids, loss_mask, chunk_rows: int = 2048):
+def lm_loss(lm_head, hidden, input_ids, loss_mask, chunk_rows: Optional[int] = None):
     """Mean next-token cross-entropy over the tokens marked in loss_mask.
 
     hidden (B, T, C) are the model's final hidden states, loss_mask (B, T) marks target tokens
     (position t is predicted from hidden[:, t-1]). Logits are computed only for targets, a chunk
     of rows at a time: the 50257-wide output layer dominates a small model's cost and memory.
+    `lm_head` computes logits from hidden states; when it has a `.weight` (V, C) and no bias
+    (GPT.lm_head), logits = h W^T go through linear_cross_entropy, which never keeps them.
     Returns (loss, number of target tokens).
     """
     h = hidden[:, :-1]  # (B, T-1, C) predicts...
@@ -63,11 +67,174 @@ def lm_loss(lm_head, hidden, input_ids, loss_mask, chunk_rows: int = 2048):
     n = targets.numel()
     if n == 0:
         return hidden.sum() * 0.0, 0
+    weight = getattr(lm_head, "weight", None)
+    if weight is not None and getattr(lm_head, "bias", None) is None:
+        return linear_cross_entropy(h, weight, targets, chunk_rows) / n, n
     total = hidden.new_zeros((), dtype=torch.float32)
+    chunk_rows = chunk_rows or 128
     for i in range(0, n, chunk_rows):
         logits = lm_head(h[i:i + chunk_rows]).float()  # (n_chunk, V)
         total = total + F.cross_entropy(logits, targets[i:i + chunk_rows], reduction="sum")
     return total / n, n
+
+
+def linear_cross_entropy(h, weight, targets, chunk_rows: Optional[int] = None):
+    """sum_i cross_entropy(h_i W^T, targets_i) for h (N, C), W (V, C), without keeping the logits.
+
+    The gradient of this sum with respect to the logits is softmax - onehot, so the forward pass
+    turns each chunk of logits into its share of the gradients of h and W right away and lets the
+    chunk go; backward only scales them by the incoming gradient. Against F.cross_entropy on full
+    logits this saves the (N, V) tensors autograd would keep and most passes over them: one exp
+    per logit, everything in place in one reused buffer (the idea of Liger-Kernel's fused linear
+    cross-entropy). Under autocast the matmuls run in the autocast dtype and the softmax in fp32,
+    as F.linear + F.cross_entropy would.
+    """
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(h, weight, targets, chunk_rows)
+    return _linear_cross_entropy(h, weight, targets, chunk_rows, False, False)[0]
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_rows):
+        loss, grad_h, grad_w = _linear_cross_entropy(h, weight, targets, chunk_rows, *ctx.needs_input_grad[:2])
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype),
+                None if grad_w is None else grad_w * grad_loss, None, None)
+
+
+def _linear_cross_entropy(h, weight, targets, chunk_rows, need_grad_h, need_grad_w):
+    """-> (summed loss, d loss / d h or None, d loss / d W or None); see linear_cross_entropy."""
+    device = h.device.type
+    dtype = _compute_dtype(device, weight.dtype)
+    chunk_rows = _chunk_rows(chunk_rows, dtype)
+    grad_h = torch.empty_like(h) if need_grad_h else None  # (N, C)
+    grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad_w else None  # (V, C)
+    loss = h.new_zeros((), dtype=torch.float32)
+    with torch.autocast(device, enabled=False):
+        w = weight.to(dtype)  # (V, C)
+        buf = h.new_empty(min(chunk_rows, h.size(0)), w.size(0), dtype=torch.float32)  # reused by every chunk
+        for i in range(0, h.size(0), chunk_rows):
+            rows = slice(i, i + chunk_rows)
+            tc = targets[rows, None]  # (n, 1)
+            logits = _chunk_logits(h[rows], w, buf)  # (n, V)
+            top = logits.amax(dim=1, keepdim=True)  # (n, 1)
+            target_logit = logits.gather(1, tc)  # (n, 1)
+            probs = logits.sub_(top).exp_()  # unnormalised, in place
+            norm = probs.sum(dim=1, keepdim=True)  # (n, 1)
+            loss += (top + norm.log() - target_logit).sum()  # logsumexp - target logit
+            if need_grad_h or need_grad_w:
+                g = probs.div_(norm).scatter_add_(1, tc, probs.new_full(tc.shape, -1.0))  # softmax - onehot
+                _linear_backward(g, h[rows], w, grad_h, rows, grad_w)
+    return loss, grad_h, None if grad_w is None else grad_w.to(weight.dtype)
+
+
+def linear_logprobs(h, weight, targets, temperature: float = 1.0, with_entropy: bool = False,
+                    chunk_rows: Optional[int] = None):
+    """log softmax(h W^T / temperature)[targets] for h (N, C), W (V, C), targets (N,): (N,) fp32,
+    and the entropies of those distributions (N,) if asked (no gradient), without keeping logits.
+
+    Forward keeps only each row's log-normaliser; backward makes every chunk's logits again (one
+    more matmul) and turns them in place into the gradient g (onehot - softmax) / temperature.
+    Against autograd through logsumexp and gather this saves the (N, V) tensors held between
+    forward and backward and most passes over them: on a small model that is most of a PPO step.
+    """
+    return _LinearLogProbs.apply(h, weight, targets, temperature, with_entropy, chunk_rows)
+
+
+class _LinearLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, temperature, with_entropy, chunk_rows):
+        device = h.device.type
+        dtype = _compute_dtype(device, weight.dtype)
+        chunk_rows = _chunk_rows(chunk_rows, dtype)
+        N, V = h.size(0), weight.size(0)
+        logp, lse = (h.new_empty(N, dtype=torch.float32) for _ in range(2))
+        ent = h.new_empty(N, dtype=torch.float32) if with_entropy else None
+        with torch.autocast(device, enabled=False):
+            w = weight.to(dtype)  # (V, C)
+            z_buf = h.new_empty(min(chunk_rows, N), V, dtype=torch.float32)
+            e_buf = torch.empty_like(z_buf) if with_entropy else None
+            for i in range(0, N, chunk_rows):
+                rows = slice(i, i + chunk_rows)
+                z = _chunk_logits(h[rows], w, z_buf, temperature)  # (n, V)
+                top = z.amax(dim=1, keepdim=True)  # (n, 1)
+                z.sub_(top)  # shifted: the largest is 0
+                target_z = z.gather(1, targets[rows, None]).squeeze(1)  # (n,)
+                if with_entropy:  # H = log s - sum(e z) / s with e = exp(z), s = sum(e)
+                    e = torch.exp(z, out=e_buf[:z.size(0)])
+                    s = e.sum(dim=1)
+                    ent[rows] = s.log() - e.mul_(z).sum(dim=1) / s
+                else:
+                    s = z.exp_().sum(dim=1)
+                logp[rows] = target_z - s.log()
+                lse[rows] = top.squeeze(1) + s.log()  # log-normaliser of logits / temperature
+        ctx.save_for_backward(h, weight, targets, lse)
+        ctx.temperature, ctx.chunk_rows, ctx.dtype = temperature, chunk_rows, dtype
+        ctx.mark_non_differentiable(*([ent] if with_entropy else []))
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_ent):
+        h, weight, targets, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        with torch.autocast(h.device.type, enabled=False):
+            w = weight.to(ctx.dtype)
+            buf = h.new_empty(min(ctx.chunk_rows, h.size(0)), w.size(0), dtype=torch.float32)
+            for i in range(0, h.size(0), ctx.chunk_rows):
+                rows = slice(i, i + ctx.chunk_rows)
+                g = grad_logp[rows, None].float() / ctx.temperature  # (n, 1)
+                z = _chunk_logits(h[rows], w, buf, ctx.temperature)  # (n, V), again
+                grad_z = z.sub_(lse[rows, None]).exp_().mul_(-g)  # -g softmax ...
+                grad_z.scatter_add_(1, targets[rows, None], g)  # ... + g onehot
+                _linear_backward(grad_z, h[rows], w, grad_h, rows, grad_w)
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
+
+
+def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype F.linear would compute in: autocast's when autocast is on, else the weight's."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else dtype
+
+
+def _chunk_rows(chunk_rows: Optional[int], dtype: torch.dtype) -> int:
+    """Rows of logits made at a time, unless given: 128 in fp32 (a 26 MB buffer at V = 50257, the
+    fastest on CPU); at least 1024 in lower precision, where each chunk's weight gradient is a
+    separate low-precision matmul added into the fp32 accumulator, a (V, C)-sized addition."""
+    if chunk_rows is not None:
+        return chunk_rows
+    return 128 if dtype == torch.float32 else 1024
+
+
+def _chunk_logits(h, w, buf, temperature: float = 1.0):
+    """(h W^T) / temperature in fp32, written into the first rows of `buf`; w (V, C) is already
+    in the compute dtype."""
+    z = buf[:h.size(0)]
+    if w.dtype == z.dtype:
+        torch.mm(h.to(w.dtype), w.t(), out=z)
+    else:
+        z.copy_(h.to(w.dtype) @ w.t())
+    if temperature != 1.0:
+        z.div_(temperature)
+    return z
+
+
+def _linear_backward(grad_z, h, w, grad_h, rows, grad_w):
+    """Given d/d(logits) of a chunk (n, V): grad_h[rows] = grad_z W, grad_w += grad_z^T h."""
+    grad_z = grad_z.to(w.dtype)
+    if grad_h is not None:
+        grad_h[rows] = grad_z @ w
+    if grad_w is not None:
+        if w.dtype == grad_w.dtype:
+            grad_w.addmm_(grad_z.t(), h)
+        else:  # (h^T grad_z)^T: the faster order for bf16 matmuls on CPU
+            grad_w += (h.to(w.dtype).t() @ grad_z).t()
 
 
 # -----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from gpt import (
     GPT,
     RewardModel,
     ValueModel,
+    _decoding_layout,
     logprobs_from_hidden,
     lora_disabled,
     mark_only_lora_trainable,
@@ -121,6 +122,20 @@ def test_kv_cache_equals_full_recompute(tiny_config):
     without = greedy(model, ids, mask, 30, use_cache=False)
     assert torch.equal(with_cache.tokens, without.tokens)
     assert with_cache.tokens.size(1) == ids.size(1) + 30
+
+
+def test_decoding_layout_changes_strides_not_results(tiny_config):
+    _, model = hf_and_ours(tiny_config, std=0.05)
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 7))
+    before = {n: (p.data_ptr(), p.stride()) for n, p in model.named_parameters()}
+    with torch.no_grad():
+        want = model.logits(ids)
+        with _decoding_layout(model):
+            assert not model.wte.weight.is_contiguous() and model.wte.weight.t().is_contiguous()
+            got = model.logits(ids)
+        model.generate(ids, max_new_tokens=3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert before == {n: (p.data_ptr(), p.stride()) for n, p in model.named_parameters()}  # all put back
 
 
 def test_batched_left_padded_generation_equals_one_by_one(tiny_config):
@@ -252,6 +267,9 @@ def test_token_logprobs_and_temperature(tiny_config):
             want = torch.log_softmax(logits[:, 3:-1] / T, -1).gather(-1, ids[:, 4:, None]).squeeze(-1)
             h = model(ids)[:, 3:-1]
             got, ent = logprobs_from_hidden(model.lm_head, h, ids[:, 4:], T, with_entropy=True, chunk_rows=5)
+            plain, plain_ent = logprobs_from_hidden(lambda x: model.lm_head(x), h, ids[:, 4:], T, with_entropy=True)
+            torch.testing.assert_close(got, plain)  # the fused path (GPT.lm_head has a .weight) and autograd's
+            torch.testing.assert_close(ent, plain_ent)
             torch.testing.assert_close(model.token_logprobs(ids, None, 4, T)[0], got)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
             p = torch.softmax(logits[:, 3:-1] / T, -1)

@@ -1,13 +1,17 @@
 """Losses against hand-computed values and straightforward reference loops."""
 import math
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 from loss import (
     explained_variance,
     gae,
     kl_estimates,
     kwise_loss,
+    linear_cross_entropy,
+    linear_logprobs,
     lm_loss,
     masked_mean,
     masked_var,
@@ -45,6 +49,80 @@ def test_lm_loss_only_on_marked_tokens():
     torch.testing.assert_close(lm_loss(head, hidden, ids2, loss_mask)[0], want)
     empty, n0 = lm_loss(head, hidden, ids, torch.zeros_like(loss_mask))
     assert n0 == 0 and empty.item() == 0.0
+
+
+class _Head:
+    """An output layer with a .weight and no bias, as GPT.lm_head: lm_loss takes the fused path."""
+
+    def __init__(self, weight):
+        self.weight = weight
+
+    def __call__(self, h):
+        return h @ self.weight.T
+
+
+def _autocast(precision):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fused_linear_cross_entropy_equals_cross_entropy(precision):
+    torch.manual_seed(0)
+    N, C, V = 37, 16, 1000
+    h = torch.randn(N, C, requires_grad=True)
+    W = (torch.randn(V, C) * 0.5).requires_grad_()
+    t = torch.randint(0, V, (N,))
+    with _autocast(precision):
+        want = F.cross_entropy(F.linear(h, W).float(), t, reduction="sum") * 0.3
+        got = linear_cross_entropy(h, W, t, chunk_rows=10) * 0.3  # uneven chunks; a scaled loss
+    want_h, want_w = torch.autograd.grad(want, (h, W))
+    got_h, got_w = torch.autograd.grad(got, (h, W))
+    tol = dict(atol=1e-5, rtol=1e-5) if precision == "fp32" else dict(atol=0.02, rtol=0.02)  # bf16 matmuls
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(got_h, want_h.float(), **tol)
+    torch.testing.assert_close(got_w, want_w.float(), **tol)
+    assert got_h.dtype == h.dtype and got_w.dtype == W.dtype
+    with torch.no_grad():  # no gradients asked for: the loss alone
+        torch.testing.assert_close(linear_cross_entropy(h, W, t), F.cross_entropy(h @ W.T, t, reduction="sum"))
+
+
+def test_lm_loss_fused_path_equals_plain_path():
+    torch.manual_seed(0)
+    V, C = 300, 8
+    W = torch.randn(V, C, requires_grad=True)
+    hidden = torch.randn(3, 9, C, requires_grad=True)
+    ids = torch.randint(0, V, (3, 9))
+    loss_mask = (torch.rand(3, 9) > 0.3).long()
+    fused, n = lm_loss(_Head(W), hidden, ids, loss_mask, chunk_rows=4)
+    plain, n2 = lm_loss(lambda h: h @ W.T, hidden, ids, loss_mask, chunk_rows=4)
+    assert n == n2
+    torch.testing.assert_close(fused, plain)
+    for a, b in zip(torch.autograd.grad(fused, (hidden, W)), torch.autograd.grad(plain, (hidden, W))):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fused_logprobs_equal_log_softmax(precision, temperature):
+    torch.manual_seed(0)
+    N, C, V = 37, 16, 1000
+    h = torch.randn(N, C, requires_grad=True)
+    W = (torch.randn(V, C) * 0.5).requires_grad_()
+    t = torch.randint(0, V, (N,))
+    upstream = torch.randn(N)  # per-token gradients, as the PPO loss gives
+    with _autocast(precision):
+        z = F.linear(h, W).float() / temperature
+        want = z.log_softmax(-1).gather(1, t[:, None]).squeeze(1)
+        want_ent = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
+        got, ent = linear_logprobs(h, W, t, temperature, with_entropy=True, chunk_rows=10)
+    assert got.dtype == torch.float32 and not ent.requires_grad
+    want_h, want_w = torch.autograd.grad((want * upstream).sum(), (h, W))
+    got_h, got_w = torch.autograd.grad((got * upstream).sum(), (h, W))
+    tol = dict(atol=1e-5, rtol=1e-5) if precision == "fp32" else dict(atol=0.03, rtol=0.03)
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(ent, want_ent, **tol)
+    torch.testing.assert_close(got_h, want_h.float(), **tol)
+    torch.testing.assert_close(got_w, want_w.float(), **tol)
 
 
 def test_pairwise_loss_and_accuracy():
