@@ -68,7 +68,10 @@ with tau = 0.5 (a 0.5 gap is labelled right 73% of the time, a 3-point gap 99.8%
 equal gold are never shown (their noiseless preference is undefined). Half the pairs are two
 independent demonstrations for the same prompt; half are a demonstration and a one-attribute edit
 of it (answer made wrong or right, opener or closer changed, filler or repetition added or
-removed): contrastive pairs that tell a small RM *which* feature the preference is about.
+removed, or the answer left out so only courtesies remain): contrastive pairs that tell a small
+RM *which* feature the preference is about. Leaving the answer out is there because PPO found it:
+an RM trained without such pairs scored "Glad to help! Hope this helps!" above a plain correct
+answer, and the policy learned to say only that (gold 0.5).
 Rows keep `chosen`/`rejected` as the noisy label and add `gold_chosen`/`gold_rejected`; the RM's
 accuracy against the noiseless gold is the share of test rows where its score difference has the
 sign of gold_chosen - gold_rejected.
@@ -342,8 +345,17 @@ def _edit(rng: random.Random, fact, p: dict) -> dict:
     what = rng.choices(list(EDIT_WEIGHTS), weights=list(EDIT_WEIGHTS.values()))[0]
     if what == "content":
         correct = p["core"] in [_fill(t, fact[1], fact[2]) for t in RELATIONS[fact[0]]["answers"]]
-        q["core"] = _wrong_core(rng, *fact) if correct and rng.random() < 0.8 else (
-            rng.choice(IDK) if correct else _correct_core(rng, *fact))
+        u = rng.random()
+        if not correct:
+            q["core"] = _correct_core(rng, *fact)
+        elif u < 0.6:
+            q["core"] = _wrong_core(rng, *fact)
+        elif u < 0.8:
+            q["core"] = rng.choice(IDK)
+        else:  # the answer left out: only courtesies remain (what a policy hacking tone would say)
+            q["core"], q["repeats"] = "", 1
+            if not (q["opener"] or q["closer"] or q["before"] or q["after"]):
+                q["opener"] = rng.choice(POLITE_OPENERS)
     elif what == "opener":
         q["opener"] = rng.choice(("",) + POLITE_OPENERS + RUDE_OPENERS)
     elif what == "closer":

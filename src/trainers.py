@@ -130,7 +130,7 @@ class MetricsLog:
                 f.writelines(keep)
 
     def log(self, step: int, metrics: dict):
-        if not self.enabled:
+        if not self.enabled or not metrics:
             return
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
@@ -475,6 +475,8 @@ class Trainer:
             from tqdm import tqdm
             bar = tqdm(total=self.total_steps, initial=self.step, desc=self.stage.name, dynamic_ncols=True)
 
+        if cfg.eval_every and self.step == 0:  # the starting point of every learning curve
+            log.log(0, self.evaluate())
         batches = self._train_batches()
         t0, elapsed0 = time.time(), self.state.get("elapsed", 0.0)
         last: dict = {}
@@ -588,13 +590,14 @@ class PPOStage(Stage):
                 batch["input_ids"], batch["attention_mask"], max_new_tokens=self.cfg.max_new_tokens,
                 temperature=self.cfg.temperature, eos_id=EOS_ID, generator=generator)
 
-    def scores(self, trainer, gen: Generation, prompts):
+    def scores(self, trainer, gen: Generation, prompts, fit: bool = True):
         """RM scores, normalised (gain/bias) and with the missing-EOS penalty [6, 9, 13].
+        The normalisation is fitted on the first rollout (`fit`), never on evaluation samples.
         Returns (scores, raw scores, ended)."""
         Tp = gen.prompt_len
         ended = ((gen.tokens[:, Tp:] == EOS_ID) & gen.response_mask[:, Tp:].bool()).any(dim=1)  # (B,)
         raw = self.raw_scores(trainer, gen, prompts)
-        if not self.norm_fitted:  # first rollout: the SFT policy's own samples
+        if not self.norm_fitted and fit:  # first rollout: the SFT policy's own samples
             samples = torch.cat([torch.as_tensor(x) for x in trainer.dist.gather(raw[ended].cpu())])
             if samples.numel() >= 2:
                 std = samples.std().clamp(min=1e-6).item()
@@ -698,11 +701,12 @@ class PPOStage(Stage):
             gen = self.generate(trainer, batch, generator)
             seq, attn, Tp = gen.tokens, gen.attention_mask, gen.prompt_len
             mask = gen.response_mask[:, Tp:].float()
-            scores, raw, ended = self.scores(trainer, gen, batch["prompts"])
+            scores, raw, ended = self.scores(trainer, gen, batch["prompts"], fit=False)
             logp = self.logprobs(trainer, self.models["model"], seq, attn, Tp)[0]
             kl = masked_sum(logp - self.ref_logprobs(trainer, seq, attn, Tp), mask, dim=1)
-            row = {"score": raw, "score_normalized": scores, "kl": kl, "response_length": mask.sum(1),
-                   "eos_rate": ended.float()}
+            row = {"score": raw, "kl": kl, "response_length": mask.sum(1), "eos_rate": ended.float()}
+            if self.norm_fitted:  # not before the first rollout (the evaluation at step 0)
+                row["score_normalized"] = scores
             row |= {name: torch.as_tensor(fn(gen, batch["prompts"]), dtype=torch.float32, device=trainer.device)
                     for name, fn in self.eval_scorers.items()}
             for k, v in row.items():
