@@ -192,6 +192,7 @@ def rm_gold_accuracy(rm_dir: str, rm_test: str, device: str) -> dict:
     equal gold are not in the data), next to its agreement with the noisy labels it was trained on."""
     import torch
 
+    import task
     from checkpoints import load_model
     from evaluate import rm_scores
     rm, _ = load_model(rm_dir, kind="rm")
@@ -201,11 +202,16 @@ def rm_gold_accuracy(rm_dir: str, rm_test: str, device: str) -> dict:
     chosen = torch.tensor(rm_scores(rm, [r["prompt"] for r in rows], [r["chosen"] for r in rows], device))
     rejected = torch.tensor(rm_scores(rm, [r["prompt"] for r in rows], [r["rejected"] for r in rows], device))
     gold = torch.tensor([r["gold_chosen"] - r["gold_rejected"] for r in rows])
-    agree_gold = ((chosen - rejected) * gold > 0).float().mean().item()
-    agree_label = (chosen > rejected).float().mean().item()
-    label_vs_gold = (gold > 0).float().mean().item()
-    return {"pairs": len(rows), "vs_gold": agree_gold, "vs_noisy_labels": agree_label,
-            "labels_vs_gold": label_vs_gold}
+    agree = (chosen - rejected) * gold > 0  # (N,) ordered as the noiseless gold orders them
+    # pairs whose answers differ in correctness (the content term) vs in style only
+    content = torch.tensor([task.gold_breakdown(r["prompt"], r["chosen"], True)["content"]
+                            != task.gold_breakdown(r["prompt"], r["rejected"], True)["content"] for r in rows])
+    share = lambda sel: agree[sel].float().mean().item() if sel.any() else None  # noqa: E731
+    return {"pairs": len(rows), "vs_gold": agree.float().mean().item(),
+            "vs_noisy_labels": (chosen > rejected).float().mean().item(),
+            "labels_vs_gold": (gold > 0).float().mean().item(),
+            "content_pairs": int(content.sum()), "vs_gold_content_pairs": share(content),
+            "vs_gold_style_pairs": share(~content)}
 
 
 def over_optimisation(ppo_dir: str, run_dir: str) -> List[dict]:
@@ -253,7 +259,9 @@ def results_table(results: dict) -> str:
         acc = results["rm_gold_accuracy"]
         out += ["", f"Reward model on {acc['pairs']} held-out pairs: agrees with the noiseless gold preference "
                     f"{pct(acc['vs_gold'])}, with the noisy labels {pct(acc['vs_noisy_labels'])} "
-                    f"(the labels themselves agree with gold {pct(acc['labels_vs_gold'])})."]
+                    f"(the labels themselves agree with gold {pct(acc['labels_vs_gold'])}); on the "
+                    f"{acc['content_pairs']} pairs that differ in correctness {pct(acc['vs_gold_content_pairs'])}, "
+                    f"on those that differ only in style {pct(acc['vs_gold_style_pairs'])}."]
     if results.get("over_optimisation"):
         out += ["", "| PPO step | KL to SFT | RM score (raw) | gold |", "|---|---|---|---|"]
         for p in results["over_optimisation"]:

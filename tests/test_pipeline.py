@@ -72,3 +72,16 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
                         "--data", str(tmp_path / "missing.jsonl")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "missing.jsonl" in r.stderr
+
+
+def test_report_is_built_from_the_run(quick, tmp_path):
+    run_dir, results, _ = quick
+    out = tmp_path / "report.pdf"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "src", "report.py"), "--run", run_dir,
+                        "--ablation", os.path.join(run_dir, "ppo"), "-o", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes()[:5] == b"%PDF-" and out.stat().st_size > 20_000
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "src", "report.py"), "--run", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "no results.json" in r.stderr and "Traceback" not in r.stderr
