@@ -104,6 +104,34 @@ def bench_generation(args, workdir) -> list:
     return rows
 
 
+def bench_decoding_layout(args, workdir) -> list:
+    """What gpt._decoding_layout buys: ours with it (as committed) vs ours with it switched off,
+    KV cache, 128 new tokens, fp32."""
+    import gpt as gpt_module
+    rows = []
+    for shape in args.shapes:
+        ours, _ = model_pair(shape, workdir)
+        ours.eval()
+        prompt = torch.randint(0, EOS_ID, (8, 32), generator=torch.Generator().manual_seed(0))
+
+        def run_with():
+            ours.generate(prompt, max_new_tokens=128, temperature=1.0, eos_id=None)
+
+        def run_without():
+            saved, gpt_module._decoding_layout = gpt_module._decoding_layout, lambda model: nullcontext()
+            try:
+                ours.generate(prompt, max_new_tokens=128, temperature=1.0, eos_id=None)
+            finally:
+                gpt_module._decoding_layout = saved
+
+        log(f"decoding layout {shape}: on vs off")
+        with torch.no_grad():
+            r = harness.compare(run_with, run_without, work=8 * 128, repeats=args.repeats)
+        rows.append({"model": shape, **r})
+        log(f"  on / off {r['ratio']['median']:.2f}")
+    return rows
+
+
 # -----------------------------------------------------------------------------
 # 2. Training step
 
@@ -326,6 +354,10 @@ def markdown(res: dict) -> str:
                 speedups.append(f"{r['model']} {r['new_tokens']} tokens "
                                 f"{with_cache['ours']['median'] / r['ours']['median']:.1f}×")
         out += ["", "KV cache vs recomputing the prefix (ours): " + ", ".join(speedups) + ".", ""]
+        if res.get("decoding_layout"):
+            out += ["Input-major weight layout while decoding on the CPU (gpt._decoding_layout), on / off, KV "
+                    "cache, 128 new tokens: " + ", ".join(f"{r['model']} {fmt_range(r['ratio'])}"
+                                                          for r in res["decoding_layout"]) + ".", ""]
     if "train" in res:
         out += ["## 2. SFT training step (tokens/s; forward, backward, clip, fused AdamW on both sides)", "",
                 "Loss on *response*: the second half of each row carries loss (the prompt half does not), "
@@ -419,6 +451,7 @@ def main():
                 f"bf16 {res['peaks']['bf16']['median']:.0f} GFLOP/s")
         if "generation" in sections:
             res["generation"] = bench_generation(args, workdir)
+            res["decoding_layout"] = bench_decoding_layout(args, workdir)
         if "train" in sections:
             res["train"] = bench_train(args, workdir, res["peaks"])
         if "ppo" in sections:

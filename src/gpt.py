@@ -167,9 +167,9 @@ def _decoding_layout(model: nn.Module):
     """Lay every weight matrix out input-major in memory while decoding in fp32 on a CPU.
 
     Decoding multiplies a handful of rows (one new token per sequence) by each weight; CPU GEMM
-    kernels do that ~2x faster when an (out, in) weight is stored as (in, out) in memory, the
-    layout of transformers' Conv1D (measured: benchmarks/README.md). Shapes and values stay the
-    same, only the strides change, and the original tensors come back afterwards. The price is a
+    kernels do that faster when an (out, in) weight is stored as (in, out) in memory, the layout
+    of transformers' Conv1D (benchmarks/run.py measures the gain, "decoding layout"). Shapes and
+    values stay the same, only the strides change, and the original tensors come back after. The price is a
     second copy of the weight matrices while it lasts. Elsewhere (GPU, bf16) it does nothing:
     there the layout makes no such difference.
     """

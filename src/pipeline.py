@@ -8,7 +8,7 @@ Every stage runs through the same code as its script (train_sft.py, train_rm.py,
 evaluate.py) into one run directory, and a results table is printed and saved.
 
 Examples:
-  # the main job: ~15 minutes on 2 CPU cores
+  # the main job: ~9 minutes on 2 CPU cores
   python src/pipeline.py
 
   # a shortened run (~4 minutes; what the tests run)
@@ -25,7 +25,7 @@ import json
 import os
 import shlex
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional
 
 from checkpoints import init_model, save_model
@@ -92,8 +92,9 @@ def main(argv=None):
     ap.add_argument("-n", "--name", default="task", help="experiment name, part of the run directory")
     ap.add_argument("--preset", default="tiny", help="model preset for every stage")
     ap.add_argument("--plan", default="full", choices=sorted(PLANS),
-                    help="step counts and learning rates of every stage: full (the main job, ~15 min on 2 CPU "
-                         "cores), quick (~4 min, what the tests run), smoke (~1 min, checks the plumbing)")
+                    help="step counts and learning rates of every stage on the synthetic task: full (the main job, "
+                         "~9 min on 2 CPU cores), quick (~4 min, what the tests run), smoke (~1 min, checks the "
+                         "plumbing). With --data the scripts' own defaults apply instead (and --*-args)")
     ap.add_argument("--seed", type=int, default=0, help="seeds data, initialisation, sampling and evaluation")
     ap.add_argument("--out-dir", default="runs", help="where the run directory is made")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -102,6 +103,7 @@ def main(argv=None):
                          "keeping its own disjoint part of the prompts (see src/dataset.py)")
     ap.add_argument("--prompts", default=None, help="with --data: evaluation prompts (default: --data's test split)")
     ap.add_argument("--judge", action="append", default=[], help="extra evaluation judges (see evaluate.py)")
+    ap.add_argument("--eval-limit", type=int, default=None, help="evaluation prompts (default: the plan's)")
     for stage in ("sft", "rm", "ppo"):
         ap.add_argument(f"--{stage}-args", default="", metavar="ARGS",
                         help=f"more flags for train_{stage}.py, after the plan's (so they win), e.g. "
@@ -109,6 +111,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     plan = PLANS[args.plan]
+    if args.data is not None:  # real data: each script's own defaults (the plans are tuned for the tiny task)
+        plan = Plan(eval_limit=plan.eval_limit, max_new_tokens=128)
+    if args.eval_limit is not None:
+        if args.eval_limit < 1:
+            raise UserError("--eval-limit must be at least 1")
+        plan = replace(plan, eval_limit=args.eval_limit)
     if args.device == "auto":
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -145,6 +153,7 @@ def main(argv=None):
     if args.data is None:
         results["rm_gold_accuracy"] = rm_gold_accuracy(stage_dirs["rm"], files["rm_test"], args.device)
         results["over_optimisation"] = over_optimisation(stage_dirs["ppo"], run_dir)
+        results["answers"] = answer_breakdown(os.path.join(run_dir, "eval", "generations.jsonl"))
     results["seconds"] = timer.seconds
     write_json_atomic(os.path.join(run_dir, "results.json"), results)
     table = results_table(results)
@@ -214,6 +223,27 @@ def rm_gold_accuracy(rm_dir: str, rm_test: str, device: str) -> dict:
             "vs_gold_style_pairs": share(~content)}
 
 
+ANSWER_KINDS = {  # name -> (gold term, value): what the evaluation answers are made of
+    "correct": ("content", 2.0), "wrong": ("content", -1.0), "no answer": ("content", 0.0),
+    "polite": ("tone", 0.5), "rude": ("tone", -1.0), "too long": ("length", "<0"),
+    "repeats": ("repetition", -1.0), "no EOS": ("ending", -1.0)}
+
+
+def answer_breakdown(generations: str) -> Dict[str, dict]:
+    """model -> share of its evaluation answers of each kind (ANSWER_KINDS), from the gold
+    reward's terms: where each policy gains and loses reward."""
+    import task
+    with open(generations) as f:
+        rows = [json.loads(line) for line in f]
+    out = {}
+    for name in rows[0]["answers"]:
+        terms = [task.gold_breakdown(r["prompt"], r["answers"][name]["text"], r["answers"][name]["ended"])
+                 for r in rows]
+        out[name] = {kind: sum(t[term] < 0 if value == "<0" else t[term] == value for t in terms) / len(terms)
+                     for kind, (term, value) in ANSWER_KINDS.items()}
+    return out
+
+
 def over_optimisation(ppo_dir: str, run_dir: str) -> List[dict]:
     """Gold and RM reward of the policy at each PPO evaluation, against its KL from the SFT model:
     a table in results and a PNG plot in the run directory."""
@@ -262,6 +292,10 @@ def results_table(results: dict) -> str:
                     f"(the labels themselves agree with gold {pct(acc['labels_vs_gold'])}); on the "
                     f"{acc['content_pairs']} pairs that differ in correctness {pct(acc['vs_gold_content_pairs'])}, "
                     f"on those that differ only in style {pct(acc['vs_gold_style_pairs'])}."]
+    if results.get("answers"):
+        out += ["", "| answers of | " + " | ".join(ANSWER_KINDS) + " |", "|---" * (len(ANSWER_KINDS) + 1) + "|"]
+        for name, shares in results["answers"].items():
+            out.append(f"| {name} | " + " | ".join(pct(shares[k]) for k in ANSWER_KINDS) + " |")
     if results.get("over_optimisation"):
         out += ["", "| PPO step | KL to SFT | RM score (raw) | gold |", "|---|---|---|---|"]
         for p in results["over_optimisation"]:

@@ -50,6 +50,9 @@ def test_quick_pipeline_writes_its_report(quick):
     table = open(os.path.join(run_dir, "results.md")).read()
     assert "| ppo vs sft | gold |" in table and table in stdout
     assert set(results["seconds"]) == {"data", "sft", "rm", "ppo", "evaluation"}
+    answers = results["answers"]  # what each model's evaluation answers are made of
+    assert set(answers) == {"init", "sft", "ppo"} and answers["init"]["correct"] == 0
+    assert answers["sft"]["correct"] > 0.5 and "| answers of |" in table
     for stage in ("sft", "rm", "ppo"):
         assert os.path.isfile(os.path.join(run_dir, stage, "final", "model.safetensors"))
 
@@ -85,3 +88,34 @@ def test_report_is_built_from_the_run(quick, tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "src", "report.py"), "--run", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "no results.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_real_data_mode_runs_every_stage_on_its_own_part(tmp_path):
+    """--data drives the same pipeline on HH-style pairs (here a local directory laid out like
+    Anthropic/hh-rlhf): the scripts' own defaults, each stage on its own part of the prompts,
+    evaluation on the test split, judged by the reward model."""
+    import random
+
+    import task
+    rng = random.Random(0)
+    data = tmp_path / "hh"
+    data.mkdir()
+    prompts = [p for ps in task.all_prompts().values() for p in ps]
+    rng.shuffle(prompts)
+    for split, chunk in (("train", prompts[:300]), ("test", prompts[300:340])):
+        with open(data / f"{split}.jsonl", "w") as f:
+            for p in chunk:
+                good, bad = task.demonstration(rng, p, "good")[1], task.demonstration(rng, p, "rude")[1]
+                f.write(json.dumps({"chosen": p + good, "rejected": p + bad}) + "\n")
+    run_dir, results, _ = run_pipeline(
+        tmp_path / "runs", "--data", str(data), "--preset", "nano", "--eval-limit", "6",
+        "--sft-args=--max-steps 2 -b 4", "--rm-args=--max-steps 2 -b 4",
+        "--ppo-args=--max-steps 1 --rollout-batch-size 4 --minibatch-size 2 --max-new-tokens 8 --eval-samples 4")
+    assert {(r["a"], r["b"], r["judge"].split(":")[0]) for r in results["results"]} == {
+        ("ppo", "sft", "rm"), ("sft", "init", "rm")}
+    assert all(r["pairs"] == 6 for r in results["results"])
+    assert "rm_gold_accuracy" not in results
+    for stage in ("sft", "rm", "ppo"):
+        with open(os.path.join(run_dir, stage, "config.json")) as f:
+            config = json.load(f)
+        assert json.dumps(config).count(f'"part": "{stage}"') >= 1, config.get("data")
