@@ -255,19 +255,10 @@ def over_optimisation(ppo_dir: str, run_dir: str) -> List[dict]:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6, 4))
-        kl = [p["kl"] for p in points]
-        ax.plot(kl, [p["rm_score"] for p in points], "o-", label="reward model score (raw)")
-        if points[0]["gold"] is not None:
-            ax.plot(kl, [p["gold"] for p in points], "s-", label="gold reward")
-        for p in points:
-            ax.annotate(str(p["step"]), (p["kl"], p["rm_score"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-        ax.set_xlabel("KL(policy || SFT) per response, nats")
-        ax.set_ylabel("mean reward on held-out prompts")
-        ax.set_title("PPO: proxy (RM) vs true (gold) reward")
-        ax.legend()
-        fig.tight_layout()
+
+        from report import plot_reward_curves
+        fig = plt.figure(figsize=(9, 4))
+        plot_reward_curves(fig, [("PPO", points, "o")], rect=(0.08, 0.13, 0.9, 0.78))
         fig.savefig(os.path.join(run_dir, "over_optimisation.png"), dpi=120)
         plt.close(fig)
     return points

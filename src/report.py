@@ -31,16 +31,12 @@ class Page:
         self.fig.text(0.07, self.y, text, fontsize=size, weight="bold", va="top")
         self.y -= 0.035 if size > 12 else 0.028
 
-    def para(self, text, mono=False, size=8.5):
+    def para(self, text, mono=False, size=None):
         lines = text.splitlines() if mono else textwrap.wrap(" ".join(text.split()), WRAP)
-        self.fig.text(0.07, self.y, "\n".join(lines), fontsize=size if not mono else 6.8, va="top",
+        size = size or (6.8 if mono else 8.5)
+        self.fig.text(0.07, self.y, "\n".join(lines), fontsize=size, va="top",
                       family="monospace" if mono else None, linespacing=1.35)
-        self.y -= (len(lines) * (0.0125 if not mono else 0.0105)) + 0.012
-
-    def axes(self, height):
-        ax = self.fig.add_axes([0.12, self.y - height, 0.8, height - 0.02])
-        self.y -= height + 0.03
-        return ax
+        self.y -= len(lines) * size * 1.35 / 72 / PAGE[1] + 0.012
 
     def close(self):
         self.pdf.savefig(self.fig)
@@ -79,16 +75,27 @@ def results_block(results):
     return "\n".join(lines)
 
 
-def plot_curves(ax, curves):
-    for label, points, style in curves:
-        kl = [p["kl"] for p in points]
-        ax.plot(kl, [p["gold"] for p in points], style + "-", label=f"gold reward ({label})")
-        ax.plot(kl, [p["rm_score"] for p in points], style + "--", alpha=0.6, label=f"RM score ({label})")
-    ax.axhline(2.5, color="grey", lw=0.8, ls=":")
-    ax.text(0.02, 2.55, "best possible gold (2.5)", fontsize=7, color="grey", transform=ax.get_yaxis_transform())
-    ax.set_xlabel("KL(policy || SFT) per response on held-out prompts (nats)")
-    ax.set_ylabel("mean reward")
-    ax.legend(fontsize=7)
+def plot_reward_curves(fig, curves, rect=(0.1, 0.1, 0.85, 0.8)):
+    """Gold reward and RM score at each PPO evaluation, against the policy's KL from the SFT model
+    (left) and against the PPO step (right). `curves`: [(label, points, marker)], points as in
+    results.json's over_optimisation; `rect` (left, bottom, width, height) is the area to fill."""
+    x0, y0, w, h = rect
+    by_kl = fig.add_axes([x0, y0, w * 0.44, h])
+    by_step = fig.add_axes([x0 + w * 0.56, y0, w * 0.44, h], sharey=by_kl)
+    for label, points, marker in curves:
+        for ax, xs in ((by_kl, [p["kl"] for p in points]), (by_step, [p["step"] for p in points])):
+            if points[0]["gold"] is not None:
+                ax.plot(xs, [p["gold"] for p in points], marker + "-", label=f"gold ({label})")
+            ax.plot(xs, [p["rm_score"] for p in points], marker + "--", alpha=0.6, label=f"RM score ({label})")
+    for ax in (by_kl, by_step):
+        ax.axhline(2.5, color="grey", lw=0.8, ls=":")
+        ax.grid(alpha=0.3)
+    by_kl.set_xlabel("KL(policy || SFT) per response (nats)")
+    by_step.set_xlabel("PPO step")
+    by_kl.set_ylabel("mean reward on held-out prompts")
+    by_kl.legend(fontsize=6)
+    by_kl.set_title("against KL (dotted: best gold, 2.5)", fontsize=8)
+    by_step.set_title("against training", fontsize=8)
 
 
 def build(run_dir, out, ablation=None, benchmarks=None):
@@ -104,7 +111,7 @@ def build(run_dir, out, ablation=None, benchmarks=None):
     lo, hi = gold["ci95"]
     with PdfPages(out) as pdf:
         p = Page(pdf)
-        p.heading("minChatGPT: RLHF for GPT-2, measured against a known truth", 16)
+        p.heading("minChatGPT: RLHF for GPT-2, measured against a known truth", 13)
         p.para(f"Run: {os.path.basename(run_dir.rstrip('/'))}; whole pipeline {sum(seconds.values()) / 60:.1f} "
                f"minutes on a 2-core CPU. All numbers below are read from that run's results.json.")
         p.heading("Question", 12)
@@ -137,6 +144,13 @@ def build(run_dir, out, ablation=None, benchmarks=None):
                "SFT, RM training, RM test, PPO and evaluation.")
         p.heading("Results", 12)
         p.para(results_block(results), mono=True)
+        if results.get("answers"):
+            from pipeline import ANSWER_KINDS
+            lines = ["answers of " + "".join(f"{k:>11}" for k in ANSWER_KINDS)]
+            lines += [f"{name:<10} " + "".join(f"{100 * shares[k]:>10.1f}%" for k in ANSWER_KINDS)
+                      for name, shares in results["answers"].items()]
+            p.para("What the 400 evaluation answers are made of (share of answers, from the gold reward's terms):")
+            p.para("\n".join(lines), mono=True)
         p.para("Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + ".")
         p.close()
 
@@ -145,7 +159,8 @@ def build(run_dir, out, ablation=None, benchmarks=None):
         curves = [("main run", results["over_optimisation"], "o")]
         if ablation:
             curves.append(("weak KL penalty", ppo_curve(os.path.join(ablation)), "s"))
-        plot_curves(p.axes(0.38), curves)
+        plot_reward_curves(p.fig, curves, rect=(0.1, p.y - 0.33, 0.85, 0.31))
+        p.y -= 0.38
         text = ("Each point is one evaluation during PPO on 64 held-out prompts (fixed sampling seed). With the "
                 "main run's KL coefficient the gold reward rises with the RM score.")
         if ablation:
@@ -164,12 +179,16 @@ def build(run_dir, out, ablation=None, benchmarks=None):
                f"about the wrong facts the SFT policy samples. The RM also had a hole PPO found at once: trained "
                f"without pairs where the answer is left out, it scored 'Glad to help! Hope this helps!' above a "
                f"correct answer and the policy learned to say only that (src/task.py).")
+        p.close()
         if benchmarks:
             with open(benchmarks) as f:
                 table = f.read()
-            p.heading("Speed (benchmarks/run.py, ratios measured in one run on this machine)", 12)
-            p.para(table[:6000], mono=True)
-        p.close()
+            p = Page(pdf)
+            p.heading("Speed (benchmarks/run.py: ratios measured in one run, one machine)", 12)
+            lines = [wrapped for line in table.splitlines()
+                     for wrapped in (textwrap.wrap(line, 150, subsequent_indent="  ") or [""])]
+            p.para("\n".join(lines), mono=True, size=5.0)
+            p.close()
     print(f"wrote {out}")
 
 
