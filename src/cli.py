@@ -136,6 +136,13 @@ def config_record(stage: str, args, model_cfg, train_cfg, **extra) -> dict:
     }
 
 
+def done_line(run_dir: str, metrics: dict, fields) -> str:
+    """The last line of a training script: the final held-out metrics, `fields` as
+    (metrics key, label, format), or a note that nothing was evaluated (--eval-data none)."""
+    shown = [f"{label} {metrics[key]:{fmt}}" for key, label, fmt in fields if key in metrics]
+    return f"done: {run_dir}  " + ("  ".join(shown) if shown else "(no held-out evaluation)")
+
+
 def print_main(dist_info, *args):
     if dist_info.is_main:
         print(*args, flush=True)

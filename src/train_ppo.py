@@ -22,6 +22,7 @@ from cli import (
     add_common_args,
     add_dataclass_args,
     config_record,
+    done_line,
     held_out_source,
     new_run_dir,
     parser,
@@ -135,8 +136,7 @@ def main(argv=None):
     trainer = Trainer(stage, train_cfg, run_dir, train_set, collate_prompts, eval_set, preset=args.preset,
                       config_record=record, dist_info=d)
     metrics = trainer.fit(resume=bool(args.resume))
-    print_main(d, f"done: {run_dir}  eval score {metrics.get('eval/score', float('nan')):.3f}  "
-                  f"KL {metrics.get('eval/kl', float('nan')):.3f}")
+    print_main(d, done_line(run_dir, metrics, [("eval/score", "eval score", ".3f"), ("eval/kl", "KL", ".3f")]))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from checkpoints import init_model
 from cli import (
     add_common_args,
     config_record,
+    done_line,
     held_out_source,
     model_config,
     new_run_dir,
@@ -76,8 +77,8 @@ def main(argv=None):
     trainer = Trainer(RMStage(model), train_cfg, run_dir, train_set, collate_preference, eval_set,
                       preset=args.preset, config_record=record, dist_info=d)
     metrics = trainer.fit(resume=bool(args.resume))
-    print_main(d, f"done: {run_dir}  eval accuracy {metrics.get('eval/accuracy', float('nan')):.3f}  "
-                  f"loss {metrics.get('eval/loss', float('nan')):.4f}")
+    print_main(d, done_line(run_dir, metrics, [("eval/accuracy", "eval accuracy", ".3f"),
+                                               ("eval/loss", "loss", ".4f")]))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from checkpoints import init_model
 from cli import (
     add_common_args,
     config_record,
+    done_line,
     held_out_source,
     model_config,
     new_run_dir,
@@ -81,8 +82,7 @@ def main(argv=None):
     trainer = Trainer(SFTStage(model), train_cfg, run_dir, train_set, collate_sft, eval_set,
                       preset=args.preset, config_record=record, dist_info=d)
     metrics = trainer.fit(resume=bool(args.resume))
-    print_main(d, f"done: {run_dir}  eval loss {metrics.get('eval/loss', float('nan')):.4f}  "
-                  f"ppl {metrics.get('eval/ppl', float('nan')):.2f}")
+    print_main(d, done_line(run_dir, metrics, [("eval/loss", "eval loss", ".4f"), ("eval/ppl", "ppl", ".2f")]))
     print_main(d, f"final model: {os.path.join(run_dir, 'final')}")
 
 
