@@ -101,16 +101,7 @@ def main():
     loss_mask = torch.ones_like(ids)
 
     def make_step(model, loss_fn):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
-
-        def step():
-            with torch.autocast(device.type, dtype=dtype):
-                loss = loss_fn()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step
+        return harness.train_step(model, loss_fn, lambda: torch.autocast(device.type, dtype=dtype))
 
     flops = train_flops(cfg, B, T, B * (T - 1))
     flops_palm = palm_flops(cfg, B, T)

@@ -64,6 +64,21 @@ def compare(ours_fn, theirs_fn, work: float, repeats: int, warmup: int = 1) -> d
     return {"ours": summary(ours), "theirs": summary(theirs), "ratio": summary(ratios)}
 
 
+def train_step(model, loss_fn, autocast):
+    """One SFT step as both sides of a training benchmark run it: forward under `autocast()`,
+    backward, clip to norm 1, fused AdamW (transformers' Trainer default), zero grad."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, fused=True)
+
+    def step():
+        with autocast():
+            loss = loss_fn()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> dict:
     """GFLOP/s of an n x n x n matmul in `dtype` on this machine: the roof for the training figures."""
     a = torch.randn(n, n).to(dtype)

@@ -154,18 +154,7 @@ def train_steps(ours, hf, ids, loss_mask, precision: str):
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
 
     def make(model, loss_fn):
-        # fused AdamW, as transformers' Trainer uses by default; the same for both sides
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
-                                fused=True)
-
-        def step():
-            with ctx():
-                loss = loss_fn()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step
+        return harness.train_step(model, loss_fn, ctx)
 
     # Ours as SFTStage computes it: hidden states, then the loss on the target tokens only.
     ours_step = make(ours, lambda: lm_loss(ours.lm_head, ours(ids), ids, loss_mask)[0])
