@@ -126,7 +126,8 @@ def main(argv=None):
     common = ["--preset", args.preset, "--seed", str(args.seed), "--device", args.device]
 
     if args.data is None:
-        files = timer.stage("data", synthetic_data, os.path.join(run_dir, "data"), args.seed)
+        import task
+        files = timer.stage("data", task.write_task_data, os.path.join(run_dir, "data"), args.seed)
         sft_data = ["--data", files["sft"], "--eval-data", files["sft_test"], "--part", "all"]
         rm_data = ["--data", files["rm_train"], "--eval-data", files["rm_test"], "--part", "all"]
         ppo_data = ["--prompts", files["ppo_prompts"], "--eval-prompts", files["eval_prompts"], "--part", "all",
@@ -161,15 +162,6 @@ def main(argv=None):
         f.write(table + "\n")
     print("\n" + table)
     print(f"\nresults: {os.path.join(run_dir, 'results.md')}")
-
-
-def synthetic_data(out_dir: str, seed: int) -> Dict[str, str]:
-    """The task's files, plus a held-out slice of the demonstrations for SFT's validation loss."""
-    import task
-    files = task.write_task_data(out_dir, seed=seed)
-    if "sft_test" not in files:
-        raise UserError("task.write_task_data must write sft_test.jsonl (held-out demonstrations)")
-    return files
 
 
 def save_initial_model(preset: str, seed: int, out_dir: str) -> Optional[str]:
