@@ -239,16 +239,13 @@ def answer_breakdown(generations: str) -> Dict[str, dict]:
 def over_optimisation(ppo_dir: str, run_dir: str) -> List[dict]:
     """Gold and RM reward of the policy at each PPO evaluation, against its KL from the SFT model:
     a table in results and a PNG plot in the run directory."""
-    with open(os.path.join(ppo_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    points = [{"step": r["step"], "kl": r["eval/kl"], "rm_score": r["eval/score"], "gold": r.get("eval/gold")}
-              for r in rows if "eval/kl" in r]
+    from report import plot_reward_curves, ppo_curve
+    points = ppo_curve(ppo_dir)
     if points:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from report import plot_reward_curves
         fig = plt.figure(figsize=(9, 4))
         plot_reward_curves(fig, [("PPO", points, "o")], rect=(0.08, 0.13, 0.9, 0.78))
         fig.savefig(os.path.join(run_dir, "over_optimisation.png"), dpi=120)
@@ -256,33 +253,51 @@ def over_optimisation(ppo_dir: str, run_dir: str) -> List[dict]:
     return points
 
 
-def results_table(results: dict) -> str:
-    """The run's results as Markdown: win-rates per judge, RM accuracy, over-optimisation, wall times."""
-    pct = lambda x: "–" if x is None else f"{100 * x:.1f}%"  # noqa: E731
-    num = lambda x: "–" if x is None else f"{x:.3f}"  # noqa: E731
-    out = ["## Results", "",
-           "| comparison | judge | wins | ties | losses | win-rate (ties half) | 95% CI | mean score a / b |",
+def _pct(x):
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x):
+    return "–" if x is None else f"{x:.3f}"
+
+
+def win_rate_table(results: dict) -> List[str]:
+    """One Markdown row per (comparison, judge)."""
+    out = ["| comparison | judge | wins | ties | losses | win-rate (ties half) | 95% CI | mean score a / b |",
            "|---|---|---|---|---|---|---|---|"]
     for r in results.get("results", []):
         ci = r["ci95"] or [None, None]
         out.append(f"| {r['a']} vs {r['b']} | {r['judge'].split(':')[0]} | {r['wins']} | {r['ties']} | "
-                   f"{r['losses']} | {pct(r['win_rate'])} | [{pct(ci[0])}, {pct(ci[1])}] | "
-                   f"{num(r['mean_score_a'])} / {num(r['mean_score_b'])} |")
+                   f"{r['losses']} | {_pct(r['win_rate'])} | [{_pct(ci[0])}, {_pct(ci[1])}] | "
+                   f"{_num(r['mean_score_a'])} / {_num(r['mean_score_b'])} |")
+    return out
+
+
+def answers_table(results: dict) -> List[str]:
+    """Share of each model's evaluation answers of each kind (ANSWER_KINDS)."""
+    out = ["| answers of | " + " | ".join(ANSWER_KINDS) + " |", "|---" * (len(ANSWER_KINDS) + 1) + "|"]
+    for name, shares in results["answers"].items():
+        out.append(f"| {name} | " + " | ".join(_pct(shares[k]) for k in ANSWER_KINDS) + " |")
+    return out
+
+
+def results_table(results: dict) -> str:
+    """The run's results as Markdown: win-rates per judge, RM accuracy, what the answers are made of,
+    over-optimisation, wall times."""
+    out = ["## Results", "", *win_rate_table(results)]
     if "rm_gold_accuracy" in results:
         acc = results["rm_gold_accuracy"]
         out += ["", f"Reward model on {acc['pairs']} held-out pairs: agrees with the noiseless gold preference "
-                    f"{pct(acc['vs_gold'])}, with the noisy labels {pct(acc['vs_noisy_labels'])} "
-                    f"(the labels themselves agree with gold {pct(acc['labels_vs_gold'])}); on the "
-                    f"{acc['content_pairs']} pairs that differ in correctness {pct(acc['vs_gold_content_pairs'])}, "
-                    f"on those that differ only in style {pct(acc['vs_gold_style_pairs'])}."]
+                    f"{_pct(acc['vs_gold'])}, with the noisy labels {_pct(acc['vs_noisy_labels'])} "
+                    f"(the labels themselves agree with gold {_pct(acc['labels_vs_gold'])}); on the "
+                    f"{acc['content_pairs']} pairs that differ in correctness {_pct(acc['vs_gold_content_pairs'])}, "
+                    f"on those that differ only in style {_pct(acc['vs_gold_style_pairs'])}."]
     if results.get("answers"):
-        out += ["", "| answers of | " + " | ".join(ANSWER_KINDS) + " |", "|---" * (len(ANSWER_KINDS) + 1) + "|"]
-        for name, shares in results["answers"].items():
-            out.append(f"| {name} | " + " | ".join(pct(shares[k]) for k in ANSWER_KINDS) + " |")
+        out += ["", *answers_table(results)]
     if results.get("over_optimisation"):
         out += ["", "| PPO step | KL to SFT | RM score (raw) | gold |", "|---|---|---|---|"]
         for p in results["over_optimisation"]:
-            out.append(f"| {p['step']} | {p['kl']:.2f} | {num(p['rm_score'])} | {num(p['gold'])} |")
+            out.append(f"| {p['step']} | {p['kl']:.2f} | {_num(p['rm_score'])} | {_num(p['gold'])} |")
     out += ["", "| stage | seconds |", "|---|---|"]
     out += [f"| {k} | {v:.0f} |" for k, v in results["seconds"].items()]
     out.append(f"| total | {sum(results['seconds'].values()):.0f} |")

@@ -62,19 +62,6 @@ def ppo_curve(ppo_dir):
             for r in rows if "eval/kl" in r]
 
 
-def results_block(results):
-    """The win-rate table as fixed-width text."""
-    head = f"{'comparison':<12} {'judge':<6} {'wins':>5} {'ties':>5} {'losses':>6} {'win-rate':>9} " \
-           f"{'95% CI':>16} {'mean score a / b':>18}"
-    lines = [head, "-" * len(head)]
-    for r in results["results"]:
-        lo, hi = r["ci95"]
-        lines.append(f"{r['a'] + ' vs ' + r['b']:<12} {r['judge'].split(':')[0]:<6} {r['wins']:>5} {r['ties']:>5} "
-                     f"{r['losses']:>6} {100 * r['win_rate']:>8.1f}% {f'[{100 * lo:.1f}, {100 * hi:.1f}]%':>16} "
-                     f"{r['mean_score_a']:>8.2f} / {r['mean_score_b']:<8.2f}")
-    return "\n".join(lines)
-
-
 def plot_reward_curves(fig, curves, rect=(0.1, 0.1, 0.85, 0.8)):
     """Gold reward and RM score at each PPO evaluation, against the policy's KL from the SFT model
     (left) and against the PPO step (right). `curves`: [(label, points, marker)], points as in
@@ -143,14 +130,11 @@ def build(run_dir, out, ablation=None, benchmarks=None):
                "over b with probability sigmoid((g(a) - g(b)) / 0.5). Prompts are split into disjoint sets for "
                "SFT, RM training, RM test, PPO and evaluation.")
         p.heading("Results", 12)
-        p.para(results_block(results), mono=True)
+        from pipeline import answers_table, win_rate_table
+        p.para("\n".join(win_rate_table(results)), mono=True)
         if results.get("answers"):
-            from pipeline import ANSWER_KINDS
-            lines = ["answers of " + "".join(f"{k:>11}" for k in ANSWER_KINDS)]
-            lines += [f"{name:<10} " + "".join(f"{100 * shares[k]:>10.1f}%" for k in ANSWER_KINDS)
-                      for name, shares in results["answers"].items()]
             p.para("What the 400 evaluation answers are made of (share of answers, from the gold reward's terms):")
-            p.para("\n".join(lines), mono=True)
+            p.para("\n".join(answers_table(results)), mono=True)
         p.para("Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + ".")
         p.close()
 
