@@ -1,6 +1,6 @@
 """Checkpoints that say what they are, load strictly, and are never half-written.
 
-Layout (CONVENTIONS.md):
+Layout:
   runs/<stage>_<name>_<stamp>/checkpoints/step_000500/{model.safetensors, optimizer.pt, trainer_state.json}
   runs/<stage>_<name>_<stamp>/final/model.safetensors
 Weights are safetensors; the file's metadata key `minchatgpt` holds JSON {stage, kind, preset,
@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from common import UserError
+from common import UserError, atomic_path, looks_like_path
 from configs import ModelConfig
 from gpt import GPT, RewardModel, ValueModel
 
@@ -43,14 +43,13 @@ def kind_of(model) -> str:
 
 
 def save_model(model, out_dir: str, stage: str, preset: Optional[str] = None) -> str:
-    """Write out_dir/model.safetensors atomically (temp file + rename)."""
+    """Write out_dir/model.safetensors atomically (common.atomic_path)."""
     os.makedirs(out_dir, exist_ok=True)
     meta = {"stage": stage, "kind": kind_of(model), "preset": preset, "model_config": model.config.to_dict()}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     path = os.path.join(out_dir, MODEL_FILE)
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file(state, tmp, metadata={"minchatgpt": json.dumps(meta)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(state, tmp, metadata={"minchatgpt": json.dumps(meta)})
     return path
 
 
@@ -150,7 +149,7 @@ def init_model(kind: str, config: ModelConfig, init: Optional[str] = None, what:
         return model  # random init (the from-scratch presets)
     backbone = model if kind == "lm" else model.backbone
     src_head = None
-    if not os.path.exists(source) and (source.startswith(("/", ".", "~")) or source.count("/") > 1):
+    if not os.path.exists(source) and looks_like_path(source):
         raise UserError(f"{what} {source}: not found (expected a run dir, a checkpoint, a transformers "
                         f"directory or a hub name like openai-community/gpt2)")
     if is_checkpoint(source):
@@ -180,7 +179,12 @@ def save_training_checkpoint(run_dir: str, step: int, models: dict, stage: str, 
                              keep_last: int) -> str:
     """checkpoints/step_XXXXXX/ with one safetensors file per model, optimizer.pt (optimizers,
     schedulers, each process's RNG state) and trainer_state.json, written to a temporary directory
-    and renamed into place; then all but the newest `keep_last` checkpoints are removed."""
+    and renamed into place; then all but the newest `keep_last` checkpoints are removed.
+
+    The temporary directory is `.tmp_step_XXXXXX`, not common.atomic_path's `step_XXXXXX.tmpPID`:
+    its name must not match `step_*`, which latest_checkpoint and the pruning below glob for. An
+    older checkpoint of the same step (a resumed run saving it again) is removed just before the
+    rename, because a directory cannot be renamed over one that is not empty."""
     root = os.path.join(run_dir, "checkpoints")
     final = os.path.join(root, f"step_{step:06d}")
     tmp = os.path.join(root, f".tmp_step_{step:06d}")

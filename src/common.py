@@ -1,4 +1,5 @@
-"""Small things every script shares: user errors, the CLI wrapper, seeding, devices, run dirs.
+"""Small things every script shares: user errors, the CLI wrapper, seeding, devices, run dirs,
+atomic writes, and telling a local path from a hub name.
 
 A *user error* (missing file, malformed row, wrong checkpoint, missing API key) is not a bug:
 the CLI prints one line on stderr and exits with code 2, no traceback. Bugs keep their traceback.
@@ -6,9 +7,10 @@ the CLI prints one line on stderr and exits with code 2, no traceback. Bugs keep
 import json
 import os
 import random
+import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -25,7 +27,7 @@ def flush_denormals():
     """Treat denormal floats as zero on the CPU.
 
     Adam's second moments for rarely updated rows (most of a 50257-word embedding) decay into
-    denormal numbers, which make CPU arithmetic ~20x slower (a tiny PPO run: 270 s instead of 16 s).
+    denormal numbers, on which CPU arithmetic runs many times slower.
     The setting is per thread and inherited only by threads created later, so call this before
     torch starts its thread pool: first thing in a CLI (run_cli does) or a test session.
     """
@@ -69,7 +71,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 def autocast(device: torch.device, precision: str):
     """Mixed-precision context for `precision` in {'fp32', 'bf16', 'fp16'}.
 
-    fp16 on CPU is refused: CPU fp16 matmuls are ~100x slower than fp32.
+    fp16 on CPU is refused: CPU fp16 matmuls are far slower than fp32.
     """
     if precision == "fp32":
         return nullcontext()
@@ -97,13 +99,39 @@ def make_run_dir(stage: str, name: str, root: str = "runs") -> str:
     return path
 
 
-def write_json_atomic(path: str, obj) -> None:
-    """Write JSON to a temporary name and rename it, so a crash never leaves half a file."""
+@contextmanager
+def atomic_path(path: str):
+    """Yield a temporary name next to `path`; when the block succeeds, rename it to `path`.
+
+    A reader, or a crash, never sees half a file: `path` is the old one or the whole new one (the
+    rename is atomic on one filesystem). Whatever the block wrote to the temporary name, a file or
+    a directory, is removed if the block fails or the rename does (for a directory, when `path`
+    already exists and is not empty)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.lexists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """`obj` as indented JSON with sorted keys, written through `atomic_path`."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
-    os.replace(tmp, path)
+
+
+def looks_like_path(source: str) -> bool:
+    """Whether `source` names a local path rather than a hub name ('owner/name'): it starts with
+    '/', '.' or '~', has more than one '/', or its first component is an existing directory.
+    It need not exist: this is how a caller tells a mistyped path from a hub name."""
+    return (source.startswith((".", "/", "~")) or source.count("/") > 1
+            or ("/" in source and os.path.isdir(source.split("/")[0])))
 
 
 def read_json(path: str, what: str = "file"):

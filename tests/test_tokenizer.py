@@ -5,9 +5,10 @@ import sys
 import textwrap
 
 import pytest
+import torch
 from conftest import SRC
 
-from tokenizer import get_tokenizer
+from tokenizer import ENDOFTEXT, PAD_ID, get_tokenizer, pad_batch
 
 TEXTS = [
     "Hello world",
@@ -17,8 +18,8 @@ TEXTS = [
     "contractions: it's they're we'll I'd you've isn't 's 'S",
     "numbers 1234567890 3.14159 -42 1e-5 0x1F",
     "code: def f(x):\n    return x ** 2  # square\n",
-    "<|endoftext|>",
-    "before<|endoftext|>after <|endoftext|> again",
+    ENDOFTEXT,
+    f"before{ENDOFTEXT}after {ENDOFTEXT} again",
     "",
     " ",
     "a" * 300,
@@ -34,7 +35,7 @@ def reference():
 def random_texts(n=200, seed=0):
     rng = random.Random(seed)
     alphabet = list("abcdefghijklmnopqrstuvwxyz ABCXYZ0123456789 .,;:!?'\"-_()\n\t") + list("éüßñ中文🤖€")
-    pieces = ["<|endoftext|>", "  ", "\n\n", " the", "'s", "Human:", "Assistant:"]
+    pieces = [ENDOFTEXT, "  ", "\n\n", " the", "'s", "Human:", "Assistant:"]
     out = []
     for _ in range(n):
         parts = [rng.choice(pieces) if rng.random() < 0.1 else rng.choice(alphabet) for _ in range(rng.randint(1, 60))]
@@ -54,9 +55,9 @@ def test_vocab_and_special_tokens():
     tok = get_tokenizer()
     assert tok.enc.n_vocab == 50257
     assert tok.eos_id == 50256
-    assert tok.encode("<|endoftext|>") == [50256]
+    assert tok.encode("<|endoftext|>") == [50256]  # spelled out: pins ENDOFTEXT to GPT-2's text
     # Without special tokens the same text is ordinary bytes, never the EOS id.
-    assert 50256 not in tok.encode("<|endoftext|>", allow_special=False)
+    assert 50256 not in tok.encode(ENDOFTEXT, allow_special=False)
 
 
 def test_padding_and_truncation():
@@ -73,7 +74,20 @@ def test_padding_and_truncation():
     assert ids[0].tolist() == a[:2]
     ids, mask = tok(["x", "y z"], add_eos=True, padding_side="right")
     assert ids[0, mask[0].sum() - 1].item() == tok.eos_id
-    assert tok.decode_batch(ids, mask) == ["x<|endoftext|>", "y z<|endoftext|>"]
+    assert tok.decode_batch(ids, mask) == [f"x{ENDOFTEXT}", f"y z{ENDOFTEXT}"]
+
+
+def test_pad_batch_takes_tensors_and_lists_alike():
+    """The collate functions pad 1-D tensors with pad_batch, the same function as Tokenizer.pad."""
+    rows = [[5, 6, 7], [8], []]
+    for side in ("left", "right"):
+        ids, mask = pad_batch([torch.tensor(r, dtype=torch.long) for r in rows], padding_side=side)
+        assert torch.equal(ids, pad_batch(rows, padding_side=side)[0]) and ids.dtype == mask.dtype == torch.long
+        assert mask.sum(1).tolist() == [3, 1, 0] and (ids[mask == 0] == PAD_ID).all()
+        assert ids[1].tolist() == ([PAD_ID] * 2 + [8] if side == "left" else [8] + [PAD_ID] * 2)
+    ids, mask = pad_batch([[1, 2]], pad_to=5)
+    assert ids.tolist() == [[1, 2] + [PAD_ID] * 3] and mask.tolist() == [[1, 1, 0, 0, 0]]
+    assert pad_batch([])[0].shape == (0, 1)
 
 
 def test_works_with_network_unreachable(tmp_path):
