@@ -564,7 +564,7 @@ class PPOStage(Stage):
         """Temperature-scaled log-probs of the response tokens seq[:, Tp:]: (b, Tn)."""
         with trainer.autocast():
             h = actor(seq, attn)[:, Tp - 1:-1]  # (b, Tn, C): position t-1 predicts token t
-            return logprobs_from_hidden(self.models["model"].lm_head, h, seq[:, Tp:], self.cfg.temperature,
+            return logprobs_from_hidden(getattr(actor, "module", actor).lm_head, h, seq[:, Tp:], self.cfg.temperature,
                                         with_entropy)
 
     def ref_logprobs(self, trainer, seq, attn, Tp):
