@@ -107,14 +107,14 @@ def main():
     flops_palm = palm_flops(cfg, B, T)
     res["sft"] = {"shape": "gpt2-medium" if not args.dry_run else "tiny", "batch": [B, T], "loss_on": "all tokens",
                   "flops_per_step": flops, "palm_flops_per_step": flops_palm, "rows": []}
-    variants = [("ours, eager", ours, lambda m: lm_loss(m.lm_head, m(ids), ids, loss_mask)[0]),
+    variants = [("ours, eager", ours, lambda m: lm_loss(m.lm_head.weight, m(ids), ids, loss_mask)[0]),
                 ("transformers, eager", hf, lambda m: m(ids, labels=ids).loss)]
     if not args.no_compile:
         variants.append(("ours, torch.compile", ours, None))
     for name, model, loss_fn in variants:
         if loss_fn is None:  # compile the blocks (the fused loss stays eager: a Python loop over chunks)
             compiled = torch.compile(ours)
-            step = make_step(ours, lambda: lm_loss(ours.lm_head, compiled(ids), ids, loss_mask)[0])
+            step = make_step(ours, lambda: lm_loss(ours.lm_head.weight, compiled(ids), ids, loss_mask)[0])
         else:
             step = make_step(model, lambda m=model, f=loss_fn: f(m))
         log(f"SFT step: {name}")

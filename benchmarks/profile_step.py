@@ -34,7 +34,7 @@ def main():
     ids = torch.randint(0, EOS_ID, (args.batch, args.seq))
     loss_mask = torch.ones_like(ids)
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.precision == "bf16" else nullcontext
-    step = harness.train_step(model, lambda: lm_loss(model.lm_head, model(ids), ids, loss_mask)[0], autocast)
+    step = harness.train_step(model, lambda: lm_loss(model.lm_head.weight, model(ids), ids, loss_mask)[0], autocast)
     step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()

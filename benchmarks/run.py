@@ -40,7 +40,7 @@ import torch
 harness.use_src()
 from configs import EOS_ID, get_preset  # noqa: E402
 from gpt import GPT  # noqa: E402
-from loss import lm_loss  # noqa: E402
+from loss import lm_loss, lm_loss_reference  # noqa: E402
 
 SECTIONS = ("generation", "train", "ppo", "memory")
 SHAPES = {  # name -> ModelConfig; random weights
@@ -157,9 +157,9 @@ def train_steps(ours, hf, ids, loss_mask, precision: str):
         return harness.train_step(model, loss_fn, ctx)
 
     # Ours as SFTStage computes it: hidden states, then the loss on the target tokens only.
-    ours_step = make(ours, lambda: lm_loss(ours.lm_head, ours(ids), ids, loss_mask)[0])
+    ours_step = make(ours, lambda: lm_loss(ours.lm_head.weight, ours(ids), ids, loss_mask)[0])
     hf_step = make(hf, lambda: hf(ids, labels=labels).loss)
-    plain_step = make(ours, lambda: lm_loss(lambda h: ours.lm_head(h), ours(ids), ids, loss_mask)[0])
+    plain_step = make(ours, lambda: lm_loss_reference(ours.lm_head.weight, ours(ids), ids, loss_mask)[0])
     return ours_step, hf_step, plain_step
 
 

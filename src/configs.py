@@ -129,26 +129,27 @@ class TrainConfig:
 
 @dataclass
 class PPOConfig:
-    """PPO for language models; RLHF_DETAILS.md item numbers in brackets."""
+    """PPO for language models (Ziegler et al. 2019; Stiennon et al. 2020; defaults and details as in
+    Huang et al. 2024, "The N+ implementation details of RLHF with PPO"); the algorithm is src/ppo.py."""
 
     rollout_batch_size: int = 32  # prompts per rollout on each process
     minibatch_size: int = 8  # sequences per PPO minibatch (must divide rollout_batch_size)
-    ppo_epochs: int = 4  # passes over each rollout batch [16]
-    max_new_tokens: int = 128  # response budget; responses without EOS by then are penalised [9]
-    temperature: float = 1.0  # rollout sampling temperature; every log-prob uses it too [8]
-    kl_coef: float = 0.05  # beta in r_t = -beta * KL_t (initial value when adaptive) [11, 12]
-    target_kl: Optional[float] = None  # adaptive beta towards this KL per sequence (None = fixed) [12]
-    kl_horizon: int = 10000  # adaptive controller horizon, in samples [12]
-    gamma: float = 1.0  # GAE discount [15]
-    lam: float = 0.95  # GAE lambda [15]
-    cliprange: float = 0.2  # policy ratio clip epsilon [16]
-    cliprange_value: float = 0.2  # value clip around the rollout's values [16]
-    actor_lr: float = 1e-5  # actor learning rate (warmup + decay from TrainConfig) [18]
-    critic_lr: float = 1e-5  # critic learning rate [18]
-    missing_eos_penalty: Optional[float] = -1.0  # score of a response with no EOS (None = score it) [9]
-    normalize_reward: bool = True  # gain/bias fitted on the first rollout (SFT samples): mean 0, std 1 [6]
-    reward_clip: Optional[float] = None  # clip (normalised) scores to +-reward_clip [13]
-    whiten_rewards: bool = False  # whiten per-token rewards over the batch, keeping their mean [13]
+    ppo_epochs: int = 4  # passes over each rollout batch, in freshly shuffled minibatches
+    max_new_tokens: int = 128  # response budget; responses without EOS by then get missing_eos_penalty
+    temperature: float = 1.0  # rollout sampling temperature; every log-prob (old, new, reference) uses it too
+    kl_coef: float = 0.05  # beta in the per-token reward -beta * KL_t (the initial value when adaptive)
+    target_kl: Optional[float] = None  # adapt beta towards this KL per sequence (None = fixed; Ziegler et al.)
+    kl_horizon: int = 10000  # adaptive controller horizon, in samples
+    gamma: float = 1.0  # GAE discount (1: a response is a short episode with one score at its end)
+    lam: float = 0.95  # GAE lambda
+    cliprange: float = 0.2  # policy ratio clip epsilon
+    cliprange_value: float = 0.2  # value clip around the rollout's values
+    actor_lr: float = 1e-5  # actor learning rate (warmup + decay from TrainConfig)
+    critic_lr: float = 1e-5  # critic learning rate
+    missing_eos_penalty: Optional[float] = -1.0  # score of a response with no EOS (None = score it)
+    normalize_reward: bool = True  # gain/bias fitted on the first rollout (SFT samples): mean 0, std 1
+    reward_clip: Optional[float] = None  # clip (normalised) scores to +-reward_clip
+    whiten_rewards: bool = False  # whiten per-token rewards over the batch, keeping their mean
     eval_samples: int = 64  # held-out prompts scored at every evaluation
 
     def __post_init__(self):

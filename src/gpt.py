@@ -32,7 +32,6 @@ from torch.utils.checkpoint import checkpoint
 
 from common import UserError
 from configs import EOS_ID, ModelConfig
-from loss import linear_logprobs
 
 # -----------------------------------------------------------------------------
 # Building blocks
@@ -263,13 +262,6 @@ class GPT(nn.Module):
         """Full logits (B, T, V), as GPT2LMHeadModel returns them."""
         return self.lm_head(self(idx, attention_mask))
 
-    def token_logprobs(self, idx, attention_mask, start: int, temperature: float = 1.0,
-                       with_entropy: bool = False):
-        """log pi(idx[:, t] | idx[:, :t]) for t in [start, T): (B, T - start), and the entropies of
-        those next-token distributions if asked. See `logprobs_from_hidden`."""
-        h = self(idx, attention_mask)[:, start - 1:-1]  # (B, Tr, C): position t-1 predicts t
-        return logprobs_from_hidden(self.lm_head, h, idx[:, start:], temperature, with_entropy)
-
     @torch.no_grad()
     def generate(
         self,
@@ -434,36 +426,6 @@ def hf_tokenizer():
     tok = GPT2TokenizerFast(vocab=vocab, merges=merges)
     assert len(tok) == 50257, f"reference tokenizer has {len(tok)} entries, not 50257"
     return tok
-
-
-def logprobs_from_hidden(lm_head, h, targets, temperature: float = 1.0, with_entropy: bool = False,
-                         chunk_rows: Optional[int] = None):
-    """Log-probs of `targets` (B, Tr) under softmax(lm_head(h) / temperature), h (B, Tr, C).
-
-    With temperature T the policy is softmax(logits / T), the distribution sampled from; old, new
-    and reference log-probs must all use the same T (RLHF_DETAILS item 8). Logits are made
-    `chunk_rows` positions at a time: a (B*Tr, 50257) fp32 tensor is large. When lm_head has a
-    `.weight` and no bias (GPT.lm_head), no logits are kept for backward (loss.linear_logprobs
-    recomputes them chunk by chunk). Any other callable goes through plain autograd.
-    Returns (logprobs (B, Tr), entropy (B, Tr) or None); the entropy carries no gradient.
-    """
-    B, Tr, C = h.shape
-    h, targets = h.reshape(B * Tr, C), targets.reshape(B * Tr)
-    weight = getattr(lm_head, "weight", None)
-    if weight is not None and getattr(lm_head, "bias", None) is None:
-        logp, ent = linear_logprobs(h, weight, targets, temperature, with_entropy, chunk_rows)
-        return logp.view(B, Tr), (ent.view(B, Tr) if with_entropy else None)
-    logps, ents = [], []
-    chunk_rows = chunk_rows or 4096
-    for i in range(0, B * Tr, chunk_rows):
-        logits = lm_head(h[i:i + chunk_rows]).float() / temperature  # (n, V)
-        lse = torch.logsumexp(logits, dim=-1)  # (n,)
-        logps.append(logits.gather(-1, targets[i:i + chunk_rows, None]).squeeze(-1) - lse)
-        if with_entropy:
-            with torch.no_grad():
-                ents.append(lse - (F.softmax(logits, dim=-1) * logits).sum(-1))
-    logp = torch.cat(logps).view(B, Tr)
-    return logp, (torch.cat(ents).view(B, Tr) if with_entropy else None)
 
 
 def sample_from_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

@@ -38,7 +38,8 @@ def masked_var(x, mask, unbiased=True):
 
 def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
     """(x - mean) / std over valid positions; padding stays 0. With shift_mean=False the mean is
-    added back: used for rewards, whose level carries information (RLHF_DETAILS item 13)."""
+    added back: used for rewards, whose level carries information (whitening that shifts the mean
+    changes what the policy is rewarded for; Huang et al. 2024)."""
     mean, var = masked_mean(x, mask), masked_var(x, mask)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
@@ -50,32 +51,40 @@ def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
 # Supervised fine-tuning
 
 
-def lm_loss(lm_head, hidden, input_ids, loss_mask, chunk_rows: Optional[int] = None):
-    """Mean next-token cross-entropy over the tokens marked in loss_mask.
+def lm_loss(weight, hidden, input_ids, loss_mask, chunk_rows: Optional[int] = None):
+    """Mean next-token cross-entropy over the tokens marked in loss_mask, through the fused output layer.
 
-    hidden (B, T, C) are the model's final hidden states, loss_mask (B, T) marks target tokens
-    (position t is predicted from hidden[:, t-1]). Logits are computed only for targets, a chunk
-    of rows at a time: the 50257-wide output layer dominates a small model's cost and memory.
-    `lm_head` computes logits from hidden states; when it has a `.weight` (V, C) and no bias
-    (GPT.lm_head), logits = h W^T go through linear_cross_entropy, which never keeps them.
+    hidden (B, T, C) are the model's final hidden states, weight (V, C) the output layer
+    (logits = h W^T; GPT-2's tied embedding, `GPT.lm_head.weight`), loss_mask (B, T) marks target
+    tokens (position t is predicted from hidden[:, t-1]). Logits are made only for targets and never
+    kept (linear_cross_entropy): the 50257-wide output layer dominates a small model's cost and memory.
     Returns (loss, number of target tokens).
     """
-    h = hidden[:, :-1]  # (B, T-1, C) predicts...
-    targets = input_ids[:, 1:]  # (B, T-1) ...these
-    keep = loss_mask[:, 1:].bool()  # (B, T-1)
-    h, targets = h[keep], targets[keep]  # (N, C), (N,)
+    h, targets = _targets(hidden, input_ids, loss_mask)  # (N, C), (N,)
     n = targets.numel()
     if n == 0:
         return hidden.sum() * 0.0, 0
-    weight = getattr(lm_head, "weight", None)
-    if weight is not None and getattr(lm_head, "bias", None) is None:
-        return linear_cross_entropy(h, weight, targets, chunk_rows) / n, n
+    return linear_cross_entropy(h, weight, targets, chunk_rows) / n, n
+
+
+def lm_loss_reference(weight, hidden, input_ids, loss_mask, chunk_rows: int = 128):
+    """lm_loss the plain way: logits of `chunk_rows` targets at a time through F.linear and
+    F.cross_entropy, kept by autograd for backward. What the fused path is tested and benchmarked against."""
+    h, targets = _targets(hidden, input_ids, loss_mask)
+    n = targets.numel()
+    if n == 0:
+        return hidden.sum() * 0.0, 0
     total = hidden.new_zeros((), dtype=torch.float32)
-    chunk_rows = chunk_rows or 128
     for i in range(0, n, chunk_rows):
-        logits = lm_head(h[i:i + chunk_rows]).float()  # (n_chunk, V)
+        logits = F.linear(h[i:i + chunk_rows], weight).float()  # (n_chunk, V)
         total = total + F.cross_entropy(logits, targets[i:i + chunk_rows], reduction="sum")
     return total / n, n
+
+
+def _targets(hidden, input_ids, loss_mask):
+    """The hidden states that predict each marked token, and those tokens: (N, C), (N,)."""
+    keep = loss_mask[:, 1:].bool()  # (B, T-1): hidden[:, t-1] predicts input_ids[:, t]
+    return hidden[:, :-1][keep], input_ids[:, 1:][keep]
 
 
 def linear_cross_entropy(h, weight, targets, chunk_rows: Optional[int] = None):
@@ -132,6 +141,40 @@ def _linear_cross_entropy(h, weight, targets, chunk_rows, need_grad_h, need_grad
                 g = probs.div_(norm).scatter_add_(1, tc, probs.new_full(tc.shape, -1.0))  # softmax - onehot
                 _linear_backward(g, h[rows], w, grad_h, rows, grad_w)
     return loss, grad_h, None if grad_w is None else grad_w.to(weight.dtype)
+
+
+def logprobs_from_hidden(weight, h, targets, temperature: float = 1.0, with_entropy: bool = False,
+                         chunk_rows: Optional[int] = None):
+    """Log-probs of `targets` (B, Tr) under softmax(h W^T / temperature), h (B, Tr, C), W (V, C).
+
+    With temperature T the policy is softmax(logits / T), the distribution sampled from; old, new
+    and reference log-probs must all use the same T, or the PPO ratio compares two different
+    policies (Huang et al. 2024, "The N+ implementation details of RLHF with PPO"). No logits are
+    kept for backward (linear_logprobs recomputes them chunk by chunk).
+    Returns (logprobs (B, Tr), entropy (B, Tr) or None); the entropy carries no gradient.
+    """
+    B, Tr, C = h.shape
+    logp, ent = linear_logprobs(h.reshape(B * Tr, C), weight, targets.reshape(B * Tr), temperature, with_entropy,
+                                chunk_rows)
+    return logp.view(B, Tr), (ent.view(B, Tr) if with_entropy else None)
+
+
+def logprobs_from_hidden_reference(weight, h, targets, temperature: float = 1.0, with_entropy: bool = False,
+                                   chunk_rows: int = 4096):
+    """logprobs_from_hidden the plain way (log_softmax of full logits, autograd keeps them): the
+    reference the fused path is tested against."""
+    B, Tr, C = h.shape
+    h, targets = h.reshape(B * Tr, C), targets.reshape(B * Tr)
+    logps, ents = [], []
+    for i in range(0, B * Tr, chunk_rows):
+        logits = F.linear(h[i:i + chunk_rows], weight).float() / temperature  # (n, V)
+        lse = torch.logsumexp(logits, dim=-1)  # (n,)
+        logps.append(logits.gather(-1, targets[i:i + chunk_rows, None]).squeeze(-1) - lse)
+        if with_entropy:
+            with torch.no_grad():
+                ents.append(lse - (F.softmax(logits, dim=-1) * logits).sum(-1))
+    logp = torch.cat(logps).view(B, Tr)
+    return logp, (torch.cat(ents).view(B, Tr) if with_entropy else None)
 
 
 def linear_logprobs(h, weight, targets, temperature: float = 1.0, with_entropy: bool = False,

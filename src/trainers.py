@@ -4,7 +4,8 @@
 mixed precision, AdamW with warmup + decay, gradient accumulation and clipping, the data order,
 periodic evaluation, logging (tqdm, metrics.jsonl, wandb), atomic checkpoints and exact resume.
 A `Stage` says what a step is: `SFTStage` and `RMStage` turn a micro-batch into a loss; `PPOStage`
-overrides the whole step, since one rollout feeds many optimizer steps.
+overrides the whole step, since one rollout feeds many optimizer steps, and is glue between the
+Trainer and the algorithm in ppo.py.
 """
 import json
 import math
@@ -37,22 +38,9 @@ from common import (
 )
 from configs import EOS_ID, TrainConfig
 from dataset import shard_batches
-from gpt import Generation, gather_last, logprobs_from_hidden, lora_disabled
-from loss import (
-    explained_variance,
-    gae,
-    kl_estimates,
-    kwise_loss,
-    lm_loss,
-    masked_mean,
-    masked_sum,
-    masked_whiten,
-    pairwise_accuracy,
-    pairwise_loss,
-    policy_loss,
-    shaped_rewards,
-    value_loss,
-)
+from gpt import GPT, gather_last
+from loss import kwise_loss, lm_loss, pairwise_accuracy, pairwise_loss
+from ppo import AdaptiveKL, PPOModels, ScoreNormalizer, collect_rollout, evaluate_policy, ppo_update, rollout_stats
 
 # -----------------------------------------------------------------------------
 # Processes
@@ -158,6 +146,8 @@ class Stage:
 
     `models`: name -> module, all saved with the run ('model' is the one later stages load);
     `frozen`: modules used but never trained (a reference policy, a reward model).
+    Forward passes take `run`, name -> the module to call: the Trainer's wrapped modules (DDP,
+    torch.compile) in training, the plain ones at evaluation (which runs on the main process only).
     """
 
     name = "stage"
@@ -166,7 +156,7 @@ class Stage:
     lrs: Dict[str, float] = {}  # per-model learning rates (default: TrainConfig.lr)
     optimizer_steps_per_batch = 1  # PPO takes many per rollout batch
 
-    def loss(self, trainer: "Trainer", batch: dict):
+    def loss(self, trainer: "Trainer", run: Dict[str, torch.nn.Module], batch: dict):
         """-> (scalar loss, metrics dict) for one micro-batch."""
         raise NotImplementedError
 
@@ -183,7 +173,7 @@ class Stage:
         for i, batch in enumerate(micro_batches):
             sync = i == len(micro_batches) - 1  # DDP all-reduces gradients on the last one only
             with trainer.no_sync(sync):
-                loss, metrics = self.loss(trainer, batch)
+                loss, metrics = self.loss(trainer, trainer.wrapped, batch)
                 trainer.check_finite(loss, "loss")
                 trainer.backward(loss / len(micro_batches))
             for k, v in metrics.items():
@@ -192,7 +182,7 @@ class Stage:
         return sums
 
     @torch.no_grad()
-    def evaluate(self, trainer: "Trainer", batches) -> dict:
+    def evaluate(self, trainer: "Trainer", run: Dict[str, torch.nn.Module], batches) -> dict:
         return {}
 
 
@@ -208,20 +198,20 @@ class SFTStage(Stage):
     def __init__(self, model):
         self.models = {"model": model}
 
-    def loss(self, trainer, batch):
+    def loss(self, trainer, run, batch):
         batch = _to(batch, trainer.device)
         with trainer.autocast():
             # Right padding: pads come after every real token, so causal attention alone keeps them
             # out of real positions (and takes SDPA's fast causal path). Pads carry no loss.
-            h = trainer.wrapped["model"](batch["input_ids"])  # (B, T, C)
-            loss, n = lm_loss(trainer.raw("model").lm_head, h, batch["input_ids"], batch["loss_mask"])
+            h = run["model"](batch["input_ids"])  # (B, T, C)
+            loss, n = lm_loss(self.models["model"].lm_head.weight, h, batch["input_ids"], batch["loss_mask"])
         return loss, {"loss": loss.detach(), "tokens": n}
 
     @torch.no_grad()
-    def evaluate(self, trainer, batches):
+    def evaluate(self, trainer, run, batches):
         total, count = 0.0, 0
         for batch in batches:
-            loss, metrics = self.loss(trainer, batch)
+            loss, metrics = self.loss(trainer, run, batch)
             total += loss.item() * metrics["tokens"]
             count += metrics["tokens"]
         if count == 0:
@@ -238,35 +228,35 @@ class RMStage(Stage):
     def __init__(self, model):
         self.models = {"model": model}
 
-    def scores(self, trainer, ids, mask):
-        with trainer.autocast():
-            values = trainer.wrapped["model"](ids)  # (N, T) right padded: causal mask suffices
-        return gather_last(values, mask)  # (N,)
-
-    def rewards(self, trainer, batch):
+    def rewards(self, trainer, run, batch):
         """-> (loss, r_chosen, r_rejected); for K-wise rankings the pairs are neighbours in the ranking."""
         batch = _to(batch, trainer.device)
         if "ranked_ids" in batch:  # K-wise: (B, K, T), best response first
             B, K, T = batch["ranked_ids"].shape
-            r = self.scores(trainer, batch["ranked_ids"].view(B * K, T), batch["ranked_mask"].view(B * K, T))
+            ids, mask = batch["ranked_ids"].view(B * K, T), batch["ranked_mask"].view(B * K, T)
+        else:  # (2B, T): one forward for chosen and rejected
+            ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])
+            mask = torch.cat([batch["chosen_mask"], batch["rejected_mask"]])
+        with trainer.autocast():
+            values = run["model"](ids)  # (N, T) right padded: the causal mask suffices
+        r = gather_last(values, mask)  # (N,) the score at each sequence's EOS
+        if "ranked_ids" in batch:
             r = r.view(B, K)
             return kwise_loss(r), r[:, :-1].reshape(-1), r[:, 1:].reshape(-1)
-        ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])  # (2B, T): one forward for both
-        mask = torch.cat([batch["chosen_mask"], batch["rejected_mask"]])
-        r_c, r_r = self.scores(trainer, ids, mask).chunk(2)
+        r_c, r_r = r.chunk(2)
         return pairwise_loss(r_c, r_r), r_c, r_r
 
-    def loss(self, trainer, batch):
-        loss, r_c, r_r = self.rewards(trainer, batch)
+    def loss(self, trainer, run, batch):
+        loss, r_c, r_r = self.rewards(trainer, run, batch)
         return loss, {"loss": loss.detach(), "accuracy": pairwise_accuracy(r_c, r_r),
                       "margin": (r_c - r_r).mean().detach()}
 
     @torch.no_grad()
-    def evaluate(self, trainer, batches):
+    def evaluate(self, trainer, run, batches):
         """Held-out loss, accuracy, margin, and the raw scale of the scores (mean, std)."""
         losses, chosen, rejected = [], [], []
         for batch in batches:
-            loss, r_c, r_r = self.rewards(trainer, batch)
+            loss, r_c, r_r = self.rewards(trainer, run, batch)
             losses.append(loss.item() * r_c.numel())
             chosen.append(r_c)
             rejected.append(r_r)
@@ -277,6 +267,89 @@ class RMStage(Stage):
         return {"loss": sum(losses) / r_c.numel(), "accuracy": pairwise_accuracy(r_c, r_r).item(),
                 "margin": (r_c - r_r).mean().item(), "pairs": r_c.numel(),
                 "score_mean": scores.mean().item(), "score_std": scores.std().item()}
+
+
+class PPOStage(Stage):
+    """PPO against a reward model with a per-token KL penalty to the reference (SFT) policy: the
+    algorithm is in ppo.py; this is its glue to the Trainer.
+
+    One trainer step = one rollout batch (ppo.collect_rollout), then `ppo_epochs` passes of
+    minibatches (ppo.ppo_update), each one actor and one critic optimizer step."""
+
+    name = "ppo"
+
+    def __init__(self, actor, critic, cfg, reward_model=None, reward_fn=None, ref=None, eval_scorers=None):
+        """`reward_model` (a RewardModel) or `reward_fn(generation, prompts) -> (B,) scores` gives the
+        score. `ref`: a frozen reference policy; None when the actor is LoRA (the reference is then
+        the actor with its adapters switched off). `eval_scorers`: extra name -> fn(generation,
+        prompts) scores reported at evaluation (e.g. the synthetic task's gold reward)."""
+        if (reward_model is None) == (reward_fn is None):
+            raise ValueError("give exactly one of reward_model and reward_fn")
+        if ref is None and not actor.config.lora_rank:
+            raise ValueError("a full fine-tuned actor needs a separate frozen reference model")
+        assert isinstance(actor, GPT)
+        self.cfg = cfg
+        self.models = {"model": actor, "critic": critic}
+        self.frozen = {k: v for k, v in (("ref", ref), ("rm", reward_model)) if v is not None}
+        self.reward_fn = reward_fn
+        self.eval_scorers = eval_scorers or {}
+        self.lrs = {"model": cfg.actor_lr, "critic": cfg.critic_lr}
+        self.optimizer_steps_per_batch = cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.minibatch_size)
+        self.kl = AdaptiveKL(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)  # saved with checkpoints
+        self.normalizer = ScoreNormalizer(enabled=cfg.normalize_reward)  # saved with checkpoints
+
+    def extra_state(self) -> dict:
+        return {**self.kl.state_dict(), **self.normalizer.state_dict()}
+
+    def load_extra_state(self, state: dict):
+        self.kl.load_state_dict(state)
+        self.normalizer.load_state_dict(state)
+
+    def ppo_models(self, trainer, run) -> PPOModels:
+        return PPOModels(run["model"], run["critic"], self.frozen.get("ref"), self.cfg.temperature, trainer.autocast)
+
+    def _scorer(self, trainer, fn):
+        """fn(generation, prompts) -> scores, as fp32 on the trainer's device."""
+        return lambda gen, prompts: torch.as_tensor(fn(gen, prompts), dtype=torch.float32, device=trainer.device)
+
+    def score_fn(self, trainer):
+        """The reward: the reward model's score of each response (+ its EOS), or `reward_fn`'s."""
+        if self.reward_fn is not None:
+            return self._scorer(trainer, self.reward_fn)
+
+        def rm_score(gen, prompts):
+            with trainer.autocast():
+                return self.frozen["rm"].score(gen.tokens, gen.attention_mask).float()
+        return rm_score
+
+    def train_step(self, trainer, micro_batches):
+        (batch,) = micro_batches
+        batch = _to(batch, trainer.device)
+        models = self.ppo_models(trainer, trainer.wrapped)
+        t0 = time.time()
+        rollout = collect_rollout(models, batch["input_ids"], batch["attention_mask"], batch["prompts"],
+                                  self.score_fn(trainer), self.normalizer, self.kl.value, self.cfg,
+                                  gather=lambda t: torch.cat([torch.as_tensor(x) for x in trainer.dist.gather(t.cpu())]))
+        t1 = time.time()
+        stats = ppo_update(rollout, models, self.cfg,
+                           actor_step=lambda loss: trainer.minimize("model", loss, "policy loss"),
+                           critic_step=lambda loss: trainer.minimize("critic", loss, "value loss"))
+        stats |= rollout_stats(rollout)
+        stats["kl"] = trainer.dist.mean(stats["kl"])  # what the KL controller steers: all processes' mean
+        stats |= {"kl_coef": self.kl.value, "gen_s": rollout.generation_seconds,
+                  "prep_s": t1 - t0 - rollout.generation_seconds, "train_s": time.time() - t1}
+        self.kl.update(stats["kl"], rollout.tokens.size(0) * trainer.dist.world_size)
+        return stats
+
+    @torch.no_grad()
+    def evaluate(self, trainer, run, batches):
+        """On held-out prompts, with a fixed sampling seed: RM score, KL to the reference, length,
+        EOS rate and any extra scorers (e.g. the gold reward), averaged over responses."""
+        generator = torch.Generator(trainer.device).manual_seed(trainer.cfg.seed + 1)
+        extra = {name: self._scorer(trainer, fn) for name, fn in self.eval_scorers.items()}
+        batches = (_to(batch, trainer.device) for batch in batches)
+        return evaluate_policy(self.ppo_models(trainer, run), batches, self.score_fn(trainer), self.normalizer,
+                               self.cfg, extra, generator)
 
 
 # -----------------------------------------------------------------------------
@@ -350,9 +423,6 @@ class Trainer:
                        broadcast_buffers=False)
         return model
 
-    def raw(self, name):
-        return self.stage.models[name]
-
     def autocast(self):
         return autocast(self.device, self.precision)
 
@@ -386,6 +456,12 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         self.schedulers[name].step()
         return norm.item()
+
+    def minimize(self, name: str, loss: torch.Tensor, what: str = "loss") -> float:
+        """One optimizer step of model `name` on `loss` (checked finite first); the gradient norm."""
+        self.check_finite(loss, what)
+        self.backward(loss)
+        return self.optimizer_step(name)
 
     def check_finite(self, value: torch.Tensor, what: str):
         if not torch.isfinite(value).all():
@@ -424,13 +500,12 @@ class Trainer:
         """Held-out metrics, computed on the main process while the others wait."""
         metrics = {}
         if self.eval_set is not None and self.dist.is_main:
-            wrapped, self.wrapped = self.wrapped, dict(self.stage.models)  # plain modules: no DDP collectives
             for m in self.stage.models.values():
                 m.eval()
-            try:
-                metrics = {f"eval/{k}": v for k, v in self.stage.evaluate(self, self._eval_batches()).items()}
+            try:  # the plain modules: a DDP forward on one process alone could wait on the others
+                metrics = self.stage.evaluate(self, dict(self.stage.models), self._eval_batches())
+                metrics = {f"eval/{k}": v for k, v in metrics.items()}
             finally:
-                self.wrapped = wrapped
                 for m in self.stage.models.values():
                     m.train()
         self.dist.barrier()
@@ -511,205 +586,3 @@ class Trainer:
             wandb_run.finish()
         self.dist.barrier()
         return {**last, **final_eval}
-
-
-
-# -----------------------------------------------------------------------------
-# PPO
-
-
-class PPOStage(Stage):
-    """PPO against a reward model with a per-token KL penalty to the reference (SFT) policy.
-
-    One trainer step = one rollout batch: sample responses, score them, compute old log-probs,
-    reference log-probs and values, shape rewards, GAE; then `ppo_epochs` passes of shuffled
-    minibatches, each one actor step and one critic step. Item numbers refer to RLHF_DETAILS.md.
-    """
-
-    name = "ppo"
-
-    def __init__(self, actor, critic, cfg, reward_model=None, reward_fn=None, ref=None, eval_scorers=None):
-        """`reward_model` (a RewardModel) or `reward_fn(generation, prompts) -> (B,) scores` gives the
-        score. `ref`: a frozen reference policy; None when the actor is LoRA (the reference is then
-        the actor with its adapters switched off). `eval_scorers`: extra name -> fn(generation,
-        prompts) scores reported at evaluation (e.g. the synthetic task's gold reward)."""
-        from gpt import GPT
-        if (reward_model is None) == (reward_fn is None):
-            raise ValueError("give exactly one of reward_model and reward_fn")
-        if ref is None and not actor.config.lora_rank:
-            raise ValueError("a full fine-tuned actor needs a separate frozen reference model")
-        assert isinstance(actor, GPT)
-        self.cfg = cfg
-        self.models = {"model": actor, "critic": critic}
-        self.frozen = {k: v for k, v in (("ref", ref), ("rm", reward_model)) if v is not None}
-        self.reward_fn = reward_fn
-        self.eval_scorers = eval_scorers or {}
-        self.lrs = {"model": cfg.actor_lr, "critic": cfg.critic_lr}
-        self.optimizer_steps_per_batch = cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.minibatch_size)
-        # Running state, saved with checkpoints.
-        self.kl_coef = cfg.kl_coef
-        self.score_gain, self.score_bias, self.norm_fitted = 1.0, 0.0, not cfg.normalize_reward
-
-    def extra_state(self) -> dict:
-        return {"kl_coef": self.kl_coef, "score_gain": self.score_gain, "score_bias": self.score_bias,
-                "norm_fitted": self.norm_fitted}
-
-    def load_extra_state(self, state: dict):
-        self.kl_coef, self.score_gain = state["kl_coef"], state["score_gain"]
-        self.score_bias, self.norm_fitted = state["score_bias"], state["norm_fitted"]
-
-    # --- forward passes ---
-
-    def logprobs(self, trainer, actor, seq, attn, Tp, with_entropy=False):
-        """Temperature-scaled log-probs of the response tokens seq[:, Tp:]: (b, Tn)."""
-        with trainer.autocast():
-            h = actor(seq, attn)[:, Tp - 1:-1]  # (b, Tn, C): position t-1 predicts token t
-            return logprobs_from_hidden(getattr(actor, "module", actor).lm_head, h, seq[:, Tp:], self.cfg.temperature,
-                                        with_entropy)
-
-    def ref_logprobs(self, trainer, seq, attn, Tp):
-        if "ref" in self.frozen:
-            return self.logprobs(trainer, self.frozen["ref"], seq, attn, Tp)[0]
-        with lora_disabled(self.models["model"]):
-            return self.logprobs(trainer, self.models["model"], seq, attn, Tp)[0]
-
-    def values(self, trainer, critic, seq, attn, Tp):
-        """V(s_t) for each response token t, read at the position before it: (b, Tn)."""
-        with trainer.autocast():
-            return critic(seq, attn)[:, Tp - 1:-1].float()
-
-    def raw_scores(self, trainer, gen: Generation, prompts):
-        if self.reward_fn is not None:
-            return torch.as_tensor(self.reward_fn(gen, prompts), dtype=torch.float32, device=trainer.device)
-        with trainer.autocast():
-            return self.frozen["rm"].score(gen.tokens, gen.attention_mask).float()
-
-    def generate(self, trainer, batch, generator=None) -> Generation:
-        with trainer.autocast():
-            return self.models["model"].generate(
-                batch["input_ids"], batch["attention_mask"], max_new_tokens=self.cfg.max_new_tokens,
-                temperature=self.cfg.temperature, eos_id=EOS_ID, generator=generator)
-
-    def scores(self, trainer, gen: Generation, prompts, fit: bool = True):
-        """RM scores, normalised (gain/bias) and with the missing-EOS penalty [6, 9, 13].
-        The normalisation is fitted on the first rollout (`fit`), never on evaluation samples.
-        Returns (scores, raw scores, ended)."""
-        Tp = gen.prompt_len
-        ended = ((gen.tokens[:, Tp:] == EOS_ID) & gen.response_mask[:, Tp:].bool()).any(dim=1)  # (B,)
-        raw = self.raw_scores(trainer, gen, prompts)
-        if not self.norm_fitted and fit:  # first rollout: the SFT policy's own samples
-            samples = torch.cat([torch.as_tensor(x) for x in trainer.dist.gather(raw[ended].cpu())])
-            if samples.numel() >= 2:
-                std = samples.std().clamp(min=1e-6).item()
-                self.score_gain, self.score_bias = 1.0 / std, -samples.mean().item() / std
-            self.norm_fitted = True
-        scores = raw * self.score_gain + self.score_bias
-        if self.cfg.reward_clip is not None:
-            scores = scores.clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
-        if self.cfg.missing_eos_penalty is not None:
-            scores = torch.where(ended, scores, torch.full_like(scores, self.cfg.missing_eos_penalty))
-        return scores, raw, ended
-
-    # --- one rollout batch ---
-
-    def train_step(self, trainer, micro_batches):
-        (batch,) = micro_batches
-        cfg, actor, critic = self.cfg, self.models["model"], self.models["critic"]
-        batch = _to(batch, trainer.device)
-        t0 = time.time()
-        with torch.no_grad():
-            gen = self.generate(trainer, batch)
-            t_gen = time.time() - t0
-            seq, attn, Tp = gen.tokens, gen.attention_mask, gen.prompt_len
-            mask = gen.response_mask[:, Tp:].float()  # (B, Tn): 1 up to and including EOS
-            scores, raw, ended = self.scores(trainer, gen, batch["prompts"])
-            B = seq.size(0)
-            # Old log-probs, reference log-probs and values, in the same minibatches (same order,
-            # same shapes) as the first PPO minibatch pass: the first ratio is then exactly 1 [17].
-            first_perm = torch.randperm(B, device=seq.device)
-            old_logp, ref_logp, old_values = (torch.zeros_like(mask) for _ in range(3))
-            for mb in first_perm.split(cfg.minibatch_size):
-                old_logp[mb] = self.logprobs(trainer, actor, seq[mb], attn[mb], Tp)[0]
-                ref_logp[mb] = self.ref_logprobs(trainer, seq[mb], attn[mb], Tp)
-                old_values[mb] = self.values(trainer, critic, seq[mb], attn[mb], Tp)
-            kl_k1, kl_k3 = kl_estimates(old_logp, ref_logp)  # (B, Tn) each
-            rewards, non_score = shaped_rewards(scores, kl_k1, mask, self.kl_coef)  # [11]
-            if cfg.whiten_rewards:
-                rewards = masked_whiten(rewards, mask, shift_mean=False)
-            advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)  # [15]
-            advantages = masked_whiten(advantages, mask)
-        t1 = time.time()
-
-        stats: Dict[str, float] = {}
-        n_updates = 0
-        for epoch in range(cfg.ppo_epochs):
-            perm = first_perm if epoch == 0 else torch.randperm(B, device=seq.device)
-            for i, mb in enumerate(perm.split(cfg.minibatch_size)):
-                logp, entropy = self.logprobs(trainer, trainer.wrapped["model"], seq[mb], attn[mb], Tp,
-                                              with_entropy=True)
-                pg_loss, pg_stats = policy_loss(logp, old_logp[mb], advantages[mb], mask[mb], cfg.cliprange)
-                trainer.check_finite(pg_loss, "policy loss")
-                trainer.backward(pg_loss)
-                actor_norm = trainer.optimizer_step("model")
-                if epoch == 0 and i == 0:
-                    ratio = torch.exp(logp.detach() - old_logp[mb])
-                    stats["first_ratio_max_dev"] = ((ratio - 1).abs() * mask[mb]).max().item()
-                v = self.values(trainer, trainer.wrapped["critic"], seq[mb], attn[mb], Tp)
-                v_loss, v_clipfrac = value_loss(v, old_values[mb], returns[mb], mask[mb], cfg.cliprange_value)
-                trainer.check_finite(v_loss, "value loss")
-                trainer.backward(v_loss)
-                critic_norm = trainer.optimizer_step("critic")
-                step_stats = {"policy_loss": pg_loss.item(), "value_loss": v_loss.item(),
-                              "vf_clipfrac": v_clipfrac.item(), "entropy": masked_mean(entropy, mask[mb]).item(),
-                              "actor_grad_norm": actor_norm, "critic_grad_norm": critic_norm,
-                              **{k: v.item() for k, v in pg_stats.items()}}
-                for k, v in step_stats.items():
-                    stats[k] = stats.get(k, 0.0) + v
-                n_updates += 1
-        stats = {k: (v / n_updates if k != "first_ratio_max_dev" else v) for k, v in stats.items()}
-
-        kl_per_seq = masked_sum(kl_k1, mask, dim=1)  # (B,)
-        mean_kl = trainer.dist.mean(kl_per_seq.mean().item())
-        stats.update({
-            "score": raw[ended].mean().item() if ended.any() else float("nan"),  # raw RM score [19]
-            "score_normalized": scores.mean().item(),
-            "non_score_reward": masked_sum(non_score, mask, dim=1).mean().item(),
-            "kl": mean_kl,
-            "kl_k3": masked_sum(kl_k3, mask, dim=1).mean().item(),
-            "kl_coef": self.kl_coef,
-            "explained_variance": explained_variance(old_values, returns, mask).item(),
-            "response_length": mask.sum(1).mean().item(),
-            "eos_rate": ended.float().mean().item(),
-            "gen_s": t_gen,
-            "prep_s": t1 - t0 - t_gen,
-            "train_s": time.time() - t1,
-        })
-        if cfg.target_kl is not None:  # adaptive KL controller (Ziegler et al. 2019) [12]
-            error = max(-0.2, min(0.2, (mean_kl - cfg.target_kl) / cfg.target_kl))
-            self.kl_coef *= 1 + error * B * trainer.dist.world_size / cfg.kl_horizon
-        return stats
-
-    @torch.no_grad()
-    def evaluate(self, trainer, batches):
-        """On held-out prompts, with a fixed sampling seed: RM score, KL to the reference, length,
-        EOS rate and any extra scorers (e.g. the gold reward), averaged over responses."""
-        generator = torch.Generator(trainer.device).manual_seed(trainer.cfg.seed + 1)
-        sums: Dict[str, float] = {}
-        n = 0
-        for batch in batches:
-            batch = _to(batch, trainer.device)
-            gen = self.generate(trainer, batch, generator)
-            seq, attn, Tp = gen.tokens, gen.attention_mask, gen.prompt_len
-            mask = gen.response_mask[:, Tp:].float()
-            scores, raw, ended = self.scores(trainer, gen, batch["prompts"], fit=False)
-            logp = self.logprobs(trainer, self.models["model"], seq, attn, Tp)[0]
-            kl = masked_sum(logp - self.ref_logprobs(trainer, seq, attn, Tp), mask, dim=1)
-            row = {"score": raw, "kl": kl, "response_length": mask.sum(1), "eos_rate": ended.float()}
-            if self.norm_fitted:  # not before the first rollout (the evaluation at step 0)
-                row["score_normalized"] = scores
-            row |= {name: torch.as_tensor(fn(gen, batch["prompts"]), dtype=torch.float32, device=trainer.device)
-                    for name, fn in self.eval_scorers.items()}
-            for k, v in row.items():
-                sums[k] = sums.get(k, 0.0) + v.sum().item()
-            n += seq.size(0)
-        return {k: v / n for k, v in sums.items()} | {"samples": n} if n else {}

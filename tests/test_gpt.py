@@ -13,13 +13,13 @@ from gpt import (
     RewardModel,
     ValueModel,
     _decoding_layout,
-    logprobs_from_hidden,
     lora_disabled,
     mark_only_lora_trainable,
     merge_lora,
     sample_from_logits,
     unmerge_lora,
 )
+from loss import logprobs_from_hidden, logprobs_from_hidden_reference
 from tokenizer import get_tokenizer
 
 
@@ -266,11 +266,11 @@ def test_token_logprobs_and_temperature(tiny_config):
         for T in (1.0, 0.7):
             want = torch.log_softmax(logits[:, 3:-1] / T, -1).gather(-1, ids[:, 4:, None]).squeeze(-1)
             h = model(ids)[:, 3:-1]
-            got, ent = logprobs_from_hidden(model.lm_head, h, ids[:, 4:], T, with_entropy=True, chunk_rows=5)
-            plain, plain_ent = logprobs_from_hidden(lambda x: model.lm_head(x), h, ids[:, 4:], T, with_entropy=True)
-            torch.testing.assert_close(got, plain)  # the fused path (GPT.lm_head has a .weight) and autograd's
+            W = model.lm_head.weight
+            got, ent = logprobs_from_hidden(W, h, ids[:, 4:], T, with_entropy=True, chunk_rows=5)
+            plain, plain_ent = logprobs_from_hidden_reference(W, h, ids[:, 4:], T, with_entropy=True)
+            torch.testing.assert_close(got, plain)  # the fused path and autograd's
             torch.testing.assert_close(ent, plain_ent)
-            torch.testing.assert_close(model.token_logprobs(ids, None, 4, T)[0], got)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
             p = torch.softmax(logits[:, 3:-1] / T, -1)
             torch.testing.assert_close(ent, -(p * p.log()).sum(-1), atol=1e-4, rtol=0)

@@ -10,6 +10,7 @@ import torch
 from configs import ModelConfig, PPOConfig, TrainConfig
 from dataset import collate_prompts, collate_sft
 from gpt import GPT, Generation, ValueModel
+from ppo import AdaptiveKL, PPOModels, ScoreNormalizer, collect_rollout, final_scores, ppo_update
 from tokenizer import get_tokenizer
 from trainers import PPOStage, SFTStage, Trainer
 
@@ -98,7 +99,7 @@ def test_ppo_raises_the_reward_with_bounded_kl(word_policy, tmp_path):
     assert end > start + 0.3, (start, end)
     assert final["eval/target"] > start + 0.3  # held-out prompts, fixed sampling seed
     assert all(r["kl"] < 5.0 for r in rows)  # the KL penalty keeps the policy near the reference
-    # The first minibatch of every rollout reproduces the rollout's log-probs exactly (item 17).
+    # The first minibatch of every rollout reproduces the rollout's log-probs exactly.
     assert all(r["first_ratio_max_dev"] == 0.0 for r in rows)
     assert all(r["eos_rate"] > 0.5 for r in rows)
 
@@ -114,6 +115,20 @@ def test_full_finetune_keeps_the_frozen_reference(word_policy, tmp_path):
         assert torch.equal(v, ref_before[k]), k
     assert any(not torch.equal(v, stage.models["model"].state_dict()[k]) for k, v in ref_before.items())
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the actor starts as the reference
+    # Reference log-probs are the reference's own, output layer included (not the trained actor's).
+    ref = stage.frozen["ref"]
+    models = PPOModels(stage.models["model"], stage.models["critic"], ref)
+    items = collate_prompts(prompt_items(4))
+    gen = models.generate(items["input_ids"], items["attention_mask"], max_new_tokens=6)
+    Tp = gen.prompt_len
+    with torch.no_grad():
+        got = models.ref_logprobs(gen.tokens, gen.attention_mask, Tp)
+        logits = ref.logits(gen.tokens, gen.attention_mask)[:, Tp - 1:-1]
+        want = torch.log_softmax(logits.float(), -1).gather(-1, gen.tokens[:, Tp:, None]).squeeze(-1)
+        actor_logp = models.logprobs(gen.tokens, gen.attention_mask, Tp)[0]
+    mask = gen.response_mask[:, Tp:].bool()
+    torch.testing.assert_close(got[mask], want[mask], atol=1e-5, rtol=0)
+    assert (actor_logp[mask] - want[mask]).abs().max() > 1e-3  # the actor has moved away from it
 
 
 def test_lora_actor_uses_its_base_as_reference(word_policy, tmp_path):
@@ -130,27 +145,115 @@ def test_lora_actor_uses_its_base_as_reference(word_policy, tmp_path):
     assert any(after[k].abs().sum() > 0 for k in after if "lora_B" in k)
 
 
+def _models_and_cfg(state, **ppo_overrides):
+    """The PPO networks of make_ppo, as ppo.py takes them (no Trainer)."""
+    stage = make_ppo(state, lora_rank=8, **ppo_overrides)
+    models = PPOModels(stage.models["model"], stage.models["critic"], None, stage.cfg.temperature)
+    return models, stage.cfg
+
+
 def test_tokens_after_eos_change_nothing(word_policy):
-    """Log-probs, values and rewards of a rollout do not depend on what follows each row's EOS."""
+    """Log-probs, values, rewards and advantages of a rollout do not depend on what follows each row's EOS."""
     torch.manual_seed(0)
-    stage = make_ppo(word_policy, lora_rank=8)
+    models, cfg = _models_and_cfg(word_policy, max_new_tokens=12)
     tok = get_tokenizer()
-
-    class T:  # the bits of Trainer the stage's forward passes use
-        device = torch.device("cpu")
-        autocast = staticmethod(lambda: torch.autocast("cpu", enabled=False))
-
     prompt = torch.tensor([tok.encode(PROMPT)] * 2)
-    gen = stage.models["model"].generate(prompt, max_new_tokens=10, temperature=1.0)
-    Tp = gen.prompt_len
-    mask = gen.response_mask[:, Tp:].float()
-    garbage = gen.tokens.clone()
-    garbage[:, Tp:][mask == 0] = 1234  # overwrite everything after EOS
-    for seq in (gen.tokens, garbage):
-        logp = stage.logprobs(T, stage.models["model"], seq, gen.attention_mask, Tp)[0]
-        values = stage.values(T, stage.models["critic"], seq, gen.attention_mask, Tp)
-        if seq is gen.tokens:
-            want_logp, want_values = logp * mask, values * mask
-        else:
-            torch.testing.assert_close(logp * mask, want_logp)
-            torch.testing.assert_close(values * mask, want_values)
+    Tp = prompt.size(1)
+    # Row 0 ends after two words, row 1 runs the whole budget: row 0 has 9 pad positions to overwrite.
+    words = tok.encode(" cat dog bird fish cow pig hen ant cat dog bird fish")
+    response = torch.tensor([words[:2] + [tok.eos_id] + [tok.eos_id] * 9, words[:12]])
+    resp_mask = torch.tensor([[1] * 3 + [0] * 9, [1] * 12])
+    tokens = torch.cat([prompt, response], 1)
+    attn = torch.cat([torch.ones_like(prompt), resp_mask], 1)
+    gen = Generation(tokens, attn, torch.cat([torch.zeros_like(prompt), resp_mask], 1), Tp)
+    garbage = tokens.clone()
+    garbage[:, Tp:][resp_mask == 0] = 1234
+    assert (garbage != tokens).sum() == 9
+
+    def rollout_of(seq):
+        models.generate = lambda *args, **kwargs: gen._replace(tokens=seq)
+        torch.manual_seed(1)  # the same minibatch order for both
+        return collect_rollout(models, prompt, torch.ones_like(prompt), [PROMPT] * 2, target_fraction,
+                               ScoreNormalizer(enabled=False), 0.05, replace(cfg, rollout_batch_size=2,
+                                                                              minibatch_size=1))
+
+    want, got = rollout_of(tokens), rollout_of(garbage)
+    mask = want.response_mask
+    assert mask.tolist() == resp_mask.float().tolist()
+    for field in ("old_logprobs", "ref_logprobs", "old_values", "kl", "rewards", "advantages", "returns"):
+        torch.testing.assert_close(getattr(got, field) * mask, getattr(want, field) * mask, msg=field)
+    for field in ("rewards", "advantages", "returns"):  # what the losses use is zero past EOS
+        assert (getattr(want, field) * (1 - mask)).abs().max() == 0, field
+    torch.testing.assert_close(got.scores, want.scores)
+    assert want.ended.tolist() == [True, False]
+
+
+def test_first_minibatch_ratio_is_one_and_the_update_follows_the_advantages(word_policy):
+    """ppo_update called directly: the first minibatch reproduces the rollout's log-probs exactly, and
+    after the update the policy puts more probability on tokens with positive advantage than on
+    those with negative advantage (the surrogate PPO maximises)."""
+    torch.manual_seed(0)
+    models, cfg = _models_and_cfg(word_policy, ppo_epochs=2, actor_lr=1e-3)
+    cfg = replace(cfg, rollout_batch_size=16, minibatch_size=4)
+    items = collate_prompts(prompt_items(16))
+    rollout = collect_rollout(models, items["input_ids"], items["attention_mask"], items["prompts"], target_fraction,
+                              ScoreNormalizer(enabled=False), cfg.kl_coef, cfg)
+    assert rollout.kl.abs().max() == 0  # the actor starts as its reference (LoRA B = 0)
+    actor_params = [p for p in models.actor.parameters() if p.requires_grad]
+    critic_params = [p for p in models.critic.parameters() if p.requires_grad]
+    opt_a, opt_c = torch.optim.Adam(actor_params, lr=1e-3), torch.optim.Adam(critic_params, lr=1e-3)
+    steps = []
+
+    def step(opt, name):
+        def go(loss):
+            steps.append(name)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            return 0.0
+        return go
+
+    stats = ppo_update(rollout, models, cfg, step(opt_a, "actor"), step(opt_c, "critic"))
+    assert stats["first_ratio_max_dev"] == 0.0
+    assert steps == ["actor", "critic"] * (cfg.ppo_epochs * 16 // 4)
+    with torch.no_grad():
+        new_logp = models.logprobs(rollout.tokens, rollout.attention_mask, rollout.prompt_len)[0]
+    change = (new_logp - rollout.old_logprobs) * rollout.response_mask  # (B, Tn)
+    up = change[(rollout.advantages > 0) & (rollout.response_mask > 0)].mean()
+    down = change[(rollout.advantages < 0) & (rollout.response_mask > 0)].mean()
+    assert up > 0 > down, (up.item(), down.item())
+
+
+def test_adaptive_kl_moves_beta_towards_the_target_and_resumes():
+    kl = AdaptiveKL(0.1, target=6.0, horizon=100)
+    kl.update(12.0, n_samples=10)  # KL above target: beta grows, by at most 20% * n / horizon
+    assert kl.value == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))
+    kl.update(5.4, n_samples=10)  # below: shrinks by (5.4 - 6) / 6 = -10% * n / horizon
+    assert kl.value == pytest.approx(0.1 * 1.02 * (1 - 0.1 * 10 / 100))
+    fixed = AdaptiveKL(0.1)
+    fixed.update(100.0, 10)
+    assert fixed.value == 0.1
+    again = AdaptiveKL(0.5, target=6.0, horizon=100)
+    again.load_state_dict(kl.state_dict())
+    assert again.value == kl.value
+
+
+def test_score_normalizer_fits_once_and_resumes():
+    norm = ScoreNormalizer()
+    samples = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    norm.fit(samples)
+    z = norm(samples)
+    assert z.mean().abs() < 1e-6 and z.std().item() == pytest.approx(1.0)
+    other = ScoreNormalizer()
+    other.load_state_dict(norm.state_dict())
+    assert other.fitted and torch.equal(other(samples), z)
+    assert torch.equal(ScoreNormalizer(enabled=False)(samples), samples) and ScoreNormalizer(enabled=False).fitted
+
+
+def test_missing_eos_penalty_and_clip():
+    cfg = PPOConfig(missing_eos_penalty=-3.0, reward_clip=1.5)
+    norm = ScoreNormalizer()
+    norm.fit(torch.tensor([0.0, 2.0]))  # gain 1/sqrt(2), bias -1/sqrt(2)
+    raw, ended = torch.tensor([0.0, 10.0, 10.0]), torch.tensor([True, True, False])
+    got = final_scores(raw, ended, norm, cfg)
+    assert got.tolist() == pytest.approx([-1 / 2 ** 0.5, 1.5, -3.0])
