@@ -44,11 +44,10 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from common import UserError, atomic_path, is_interactive
-from tokenizer import pad_batch
+import task
+from tokenizer import ASSISTANT, format_prompt, pad_batch
 
 SYNTHETIC = "synthetic:"  # prefix of the built-in task's files, e.g. synthetic:sft
-HUMAN = "\n\nHuman:"
-ASSISTANT = "\n\nAssistant:"
 PARTS = {"sft": 0.4, "rm": 0.4, "ppo": 0.2}  # share of prompts in each part; see "How the data is split"
 HH_SUBSETS = ("helpful-base", "harmless-base", "helpful-online", "helpful-rejection-sampled")
 BUILDERS = {".jsonl.gz": "json", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -87,7 +86,6 @@ def synthetic_path(source: str) -> str:
     the synthetic task (src/task.py) with its default seed and sizes. The files are generated once
     into $MINCHATGPT_CACHE (default ~/.cache/minchatgpt) under a name that changes with task.py's
     source, so an edit to the task never reads stale data."""
-    import task  # here, not at the top: task imports this module (format_prompt)
     name = source[len(SYNTHETIC):]
     if name not in task.SPLITS:
         raise UserError(f"unknown synthetic file {name!r}; known: {', '.join(task.SPLITS)}")
@@ -261,11 +259,6 @@ def _one_line(e: Exception) -> str:
 
 # -----------------------------------------------------------------------------
 # Dialogue text, parts, and what became of each row
-
-
-def format_prompt(text: str) -> str:
-    """A prompt in HH format: a raw request q becomes "\\n\\nHuman: q\\n\\nAssistant:"."""
-    return text if text.startswith(HUMAN) else f"{HUMAN} {text.strip()}{ASSISTANT}"
 
 
 def split_transcript(transcript: str) -> Optional[Tuple[str, str]]:

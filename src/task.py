@@ -9,7 +9,7 @@ The world: 24 facts in three relations, every name one word (and, but for the so
 token with its space): capitals (France -> Paris, ...), colours (a banana -> yellow, ...), animal
 sounds (a cow -> moo, ...).
 A user asks one of 4 phrasings of a fact, optionally followed by a remark and a thank-you
-(8 x 4 variants), in the HH format "\n\nHuman: {question}\n\nAssistant:" (dataset.format_prompt):
+(8 x 4 variants), in the HH format "\n\nHuman: {question}\n\nAssistant:" (tokenizer.format_prompt):
     What colour is a banana? I need it for school. Thanks!
 That gives 24 x 4 x 32 = 3072 distinct prompt strings.
 
@@ -96,8 +96,7 @@ import re
 from typing import Dict, List, Optional, Tuple
 
 from common import atomic_path
-from dataset import format_prompt
-from tokenizer import ENDOFTEXT
+from tokenizer import ENDOFTEXT, format_prompt
 
 MAX_GOLD = 2.5  # correct + polite, concise, clean and ended
 TAU = 0.5  # temperature of the simulated raters

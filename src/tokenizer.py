@@ -24,6 +24,14 @@ VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 ENDOFTEXT = "<|endoftext|>"  # the text of GPT-2's one special token, EOS_ID
 PAD_ID = EOS_ID  # same id as EOS; the attention mask says which is which
+# The dialogue format of Anthropic's HH-RLHF, which every stage reads and writes.
+HUMAN = "\n\nHuman:"
+ASSISTANT = "\n\nAssistant:"
+
+
+def format_prompt(text: str) -> str:
+    """A prompt in HH format: a raw request q becomes "\\n\\nHuman: q\\n\\nAssistant:"."""
+    return text if text.startswith(HUMAN) else f"{HUMAN} {text.strip()}{ASSISTANT}"
 
 
 def gpt2_bpe_files() -> tuple:
@@ -77,7 +85,7 @@ def pad_batch(
     if padding_side not in ("left", "right") or truncation_side not in ("left", "right"):
         raise ValueError("padding_side and truncation_side must be 'left' or 'right'")
     if max_length is not None:
-        seqs = [s[len(s) - max_length:] if truncation_side == "left" else s[:max_length] for s in seqs]
+        seqs = [s[max(0, len(s) - max_length):] if truncation_side == "left" else s[:max_length] for s in seqs]
     width = max([len(s) for s in seqs] + [pad_to or 0, 1])
     ids = torch.full((len(seqs), width), PAD_ID, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)

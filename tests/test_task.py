@@ -9,7 +9,7 @@ import random
 import pytest
 
 import task
-from dataset import format_prompt
+from tokenizer import format_prompt
 from task import MAX_GOLD, gold_reward, parse_prompt
 from tokenizer import ENDOFTEXT
 

@@ -72,6 +72,8 @@ def test_padding_and_truncation():
     assert ids[0].tolist() == a[-2:]
     ids, _ = tok.pad([a], max_length=2, truncation_side="right")
     assert ids[0].tolist() == a[:2]
+    ids, mask = tok.pad([a, b], max_length=len(a) + 2, truncation_side="left")  # shorter rows stay whole
+    assert ids[0].tolist() == a and mask[1].sum() == len(b)
     ids, mask = tok(["x", "y z"], add_eos=True, padding_side="right")
     assert ids[0, mask[0].sum() - 1].item() == tok.eos_id
     assert tok.decode_batch(ids, mask) == [f"x{ENDOFTEXT}", f"y z{ENDOFTEXT}"]
