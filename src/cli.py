@@ -1,5 +1,8 @@
 """Command-line plumbing shared by train_sft.py, train_rm.py and train_ppo.py.
 
+A training script is: its own flags + `add_data_args` + `add_common_args`, then `start` (processes,
+device, TrainConfig), `load_data` (training and held-out sets), the models (initialised inside
+`same_init_on_every_process`), and `train` (run directory, config record, Trainer.fit, last line).
 The original project's short flags keep their meaning: -n experiment name, -b batch size,
 -p init/pretrained, -a actor, -c critic/reward model. Every TrainConfig field is a long flag.
 """
@@ -9,14 +12,19 @@ import os
 import re
 import sys
 import typing
+from contextlib import contextmanager
 from dataclasses import fields
 
 import torch
 
 from common import UserError, make_run_dir, read_json, seed_everything
 from configs import PRESETS, TrainConfig, get_preset
+from trainers import Dist, Trainer, process_device
 
-SEED_STRIDE = 104729  # process r is seeded with seed + r * SEED_STRIDE (a prime), RLHF_DETAILS item 10
+# Process r is seeded with seed + r * SEED_STRIDE (a prime): data-parallel processes must sample different
+# rollouts and dropout masks, or N processes would do the work of one.
+SEED_STRIDE = 104729
+PARTS = ["sft", "rm", "ppo", "all"]  # dataset.part_of: the hash-based share of prompts each stage uses
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
@@ -37,10 +45,12 @@ def field_docs(cls) -> dict:
     return docs
 
 
-def add_dataclass_args(group, cls, base, short=None):
-    """One --flag per field of config dataclass `cls`, defaulting to the values in `base`."""
+def add_dataclass_args(group, cls, base, short=None, hide=()):
+    """One --flag per field of config dataclass `cls` (but those in `hide`), defaulting to the values in `base`."""
     docs, short = field_docs(cls), short or {}
     for f in fields(cls):
+        if f.name in hide:
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(base, f.name)
         helptext = f"{docs.get(f.name, '')} (default {default})"
@@ -51,8 +61,24 @@ def add_dataclass_args(group, cls, base, short=None):
             group.add_argument(*short.get(f.name, []), flag, type=kind, default=default, help=helptext)
 
 
-def add_common_args(ap: argparse.ArgumentParser, defaults: dict):
-    """Flags every training script has. `defaults` overrides TrainConfig defaults per stage."""
+def add_data_args(ap: argparse.ArgumentParser, stage: str, source: str = "--data", held_out: str = "--eval-data",
+                  what: str = "training data"):
+    """The data flags: `source` (a hub name, file or directory), its --split, the `held_out` set and
+    its --eval-split, and --part (default: `stage`'s own share of the prompts)."""
+    g = ap.add_argument_group("data")
+    g.add_argument(source, default="Anthropic/hh-rlhf", help=f"{what}: hub name, local file or directory")
+    g.add_argument("--split", default="train", help=f"split of {source} to train on")
+    g.add_argument(held_out, default=None, help=f"held-out data (default: the test split of {source}; "
+                   "'none' = no evaluation)")
+    g.add_argument("--eval-split", default="test", help="split of the held-out data")
+    g.add_argument("--part", default=stage, choices=PARTS,
+                   help="hash-based share of the prompts to use, so SFT, RM and PPO never share a prompt "
+                        "('all' for data that is already split)")
+
+
+def add_common_args(ap: argparse.ArgumentParser, defaults: dict, hide=()):
+    """Flags every training script has. `defaults` overrides TrainConfig defaults per stage;
+    TrainConfig fields in `hide` get no flag (the script sets them, see `start`)."""
     defaults = dict(defaults)
     g = ap.add_argument_group("run")
     g.add_argument("-n", "--name", default="default", help="experiment name, part of the run directory")
@@ -65,11 +91,56 @@ def add_common_args(ap: argparse.ArgumentParser, defaults: dict):
     g.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its newest checkpoint, "
                    "with the settings saved in it (other flags are ignored)")
     add_dataclass_args(ap.add_argument_group("training (TrainConfig in src/configs.py)"), TrainConfig,
-                       TrainConfig(**defaults), short={"batch_size": ["-b"]})
+                       TrainConfig(**defaults), short={"batch_size": ["-b"]}, hide=hide)
 
 
-def train_config(args) -> TrainConfig:
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+def train_config(args, **fixed) -> TrainConfig:
+    """The TrainConfig of the parsed flags; `fixed` gives the fields a script has no flag for."""
+    return TrainConfig(**{f.name: fixed[f.name] if f.name in fixed else getattr(args, f.name)
+                          for f in fields(TrainConfig)})
+
+
+def start(args, **fixed):
+    """This process's place in a torchrun launch (process group started on its device) and the
+    training config: (Dist, TrainConfig)."""
+    dist_info = Dist()
+    dist_info.init(process_device(args.device, dist_info))
+    return dist_info, train_config(args, **fixed)
+
+
+def load_data(make, args, dist_info, source: str = "data", held_out: str = "eval_data", train_kw=None, eval_kw=None):
+    """(training set, held-out set or None) made by `make(source, split=, part=, ...)` from the data
+    flags (add_data_args), with what became of their rows printed."""
+    part = None if args.part == "all" else args.part
+    train_set = make(getattr(args, source), split=args.split, part=part, **(train_kw or {}))
+    flag = "--" + source.replace("_", "-")
+    eval_source = held_out_source(getattr(args, source), getattr(args, held_out), "--" + held_out.replace("_", "-"),
+                                  flag)
+    eval_set = eval_source and make(eval_source, split=args.eval_split, part=part, **(eval_kw or {}))
+    print_main(dist_info, f"train: {train_set.stats_line()}\neval:  {eval_set.stats_line() if eval_set else 'none'}")
+    return train_set, eval_set
+
+
+@contextmanager
+def same_init_on_every_process(seed: int, dist_info):
+    """Models made inside start from the same random draw on every process (DDP needs identical
+    replicas); afterwards each process gets its own stream."""
+    seed_process(seed, 0)
+    yield
+    seed_process(seed, dist_info.rank)
+
+
+def train(stage, args, model_cfg, train_cfg, dist_info, train_set, eval_set, collate, done_fields, **record) -> str:
+    """Make the run directory, record the configuration, fit `stage` and print the last line;
+    returns the run directory."""
+    run_dir = new_run_dir(stage.name, args, dist_info)
+    config = config_record(stage.name, args, model_cfg, train_cfg,
+                           data={"train": train_set.stats, "eval": eval_set and eval_set.stats}, **record)
+    trainer = Trainer(stage, train_cfg, run_dir, train_set, collate, eval_set, preset=args.preset,
+                      config_record=config, dist_info=dist_info)
+    metrics = trainer.fit(resume=bool(args.resume))
+    print_main(dist_info, done_line(run_dir, metrics, done_fields))
+    return run_dir
 
 
 def model_config(args, **overrides):

@@ -1,8 +1,8 @@
 """Compare models answer by answer with a judge: win-rates, confidence intervals, the judge's position bias.
 
 Every model answers the same prompts ("\\n\\nHuman: {prompt}\\n\\nAssistant:", sampled, stopped at EOS
-or at "\\n\\nHuman:"); a judge then compares two models' answers prompt by prompt. Judges (--judge,
-repeatable):
+or at "\\n\\nHuman:"); a judge then compares two models' answers prompt by prompt. Judges (src/judges.py;
+--judge, repeatable):
   openai              an OpenAI-compatible chat model (--judge-model, --base-url), temperature 0, asked
                       about every pair in both orders; a verdict that flips with the order is a tie
   rm:RUN_DIR          a reward-model run scores each answer (+ EOS, as it was trained); higher wins
@@ -30,7 +30,6 @@ Examples:
       --base-url http://localhost:8000/v1 --judge-model Qwen/Qwen2.5-7B-Instruct
 """
 import hashlib
-import importlib
 import json
 import os
 import re
@@ -38,8 +37,7 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
-from urllib.parse import urlsplit
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -52,6 +50,7 @@ from common import (
     autocast,
     default_precision,
     is_interactive,
+    looks_like_path,
     make_run_dir,
     resolve_device,
     run_cli,
@@ -60,10 +59,10 @@ from common import (
 from configs import EOS_ID
 from dataset import load_prompts
 from gpt import GPT
-from tokenizer import ENDOFTEXT, get_tokenizer
+from judges import CACHE_VERSION, JUDGE_FORMS, ChatJudge, json_sha256, make_judge, public_url
+from tokenizer import HUMAN, get_tokenizer
 
-CACHE_VERSION = 1  # part of every cache key: bump it when what an answer or a verdict record holds changes
-STOP = "\n\nHuman:"  # a model that starts the next human turn has finished its answer
+STOP = HUMAN  # a model that starts the next human turn has finished its answer
 
 
 def log(*args):
@@ -107,23 +106,13 @@ class JsonlCache:
                     f.write(json.dumps({"key": key, **value}) + "\n")
 
 
-def _sha256(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
 # -----------------------------------------------------------------------------
 # Models
 
 
-def _looks_local(source: str) -> bool:
-    """A path rather than a hub name ('owner/name'): explicit, nested, or under an existing directory."""
-    return (source.startswith((".", "/", "~")) or source.count("/") > 1
-            or ("/" in source and os.path.isdir(source.split("/")[0])))
-
-
 def check_model_source(source: str, what: str, local_only: bool = False):
     """Fail early, before any model is loaded, on a path that does not exist."""
-    if not os.path.exists(source) and (local_only or _looks_local(source)):
+    if not os.path.exists(source) and (local_only or looks_like_path(source)):
         raise UserError(f"{what}: checkpoint not found: {source}")
 
 
@@ -196,7 +185,7 @@ def answer_from_tokens(tok, new_ids: Sequence[int]) -> dict:
 
 
 def _batch_seed(seed: int, prompts: Sequence[str]) -> int:
-    return int(_sha256([seed, list(prompts)])[:15], 16)  # < 2**60, fits manual_seed
+    return int(json_sha256([seed, list(prompts)])[:15], 16)  # < 2**60, fits manual_seed
 
 
 @torch.no_grad()
@@ -239,7 +228,7 @@ def generate_answers(models: Dict[str, object], prompts: List[str], params: GenP
         setting = {**asdict(params), "max_new_tokens": max_new, "prompt_tokens": keep, "stop": STOP,
                    "device": device.type, "precision": precision, "version": CACHE_VERSION,
                    "model": model_fingerprint(model)}
-        keys = [_sha256([setting, p]) for p in prompts]
+        keys = [json_sha256([setting, p]) for p in prompts]
         bs = params.batch_size
         batches = [range(i, min(i + bs, len(prompts))) for i in range(0, len(prompts), bs)]
         todo = [rows for rows in batches if any(keys[i] not in cache for i in rows)]
@@ -263,197 +252,6 @@ def generate_answers(models: Dict[str, object], prompts: List[str], params: GenP
         log(f"{name}: {desc.get('file', desc['source'])} ({desc.get('note') or desc.get('stage')}), "
             f"fingerprint {setting['model'][:12]}: {generated} answers generated, {len(prompts) - generated} cached")
     return answers, infos
-
-
-# -----------------------------------------------------------------------------
-# Judges
-
-
-JUDGE_SYSTEM = (
-    "You are an impartial judge. You will see a conversation between a user and an AI assistant, then "
-    "two candidate answers for the assistant's next turn, Answer A and Answer B. Decide which answer is more "
-    "helpful, truthful and harmless for the user. Judge the content only: neither the order in which the "
-    "answers are shown nor their length may influence you. Explain your reasoning in a few sentences, then "
-    "give your final verdict on the last line as exactly one of: [[A]] if Answer A is better, [[B]] if "
-    "Answer B is better, [[tie]] if they are equally good or equally bad."
-)
-
-
-def judge_messages(prompt: str, first: str, second: str) -> List[dict]:
-    """The chat messages that ask which of two answers to `prompt` is better (first shown as A)."""
-    conversation = prompt.strip()
-    conversation = conversation[:-len("Assistant:")].rstrip() if conversation.endswith("Assistant:") else conversation
-    a, b = first.strip() or "(empty answer)", second.strip() or "(empty answer)"
-    user = f"[Conversation]\n{conversation}\n\n[Answer A]\n{a}\n\n[Answer B]\n{b}\n\n[Your verdict]"
-    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
-
-
-_VERDICTS = {"a": "A", "b": "B", "tie": "tie"}
-_FILLER = {"final", "verdict", "answer", "is", "the", "better", "my"}
-
-
-def parse_verdict(reply: str) -> Optional[str]:
-    """'A', 'B' or 'tie' from a judge's reply, or None when it cannot be read. The last [[A]] / [[B]] /
-    [[tie]] anywhere in the reply counts (any case, spaces inside, markdown around it); failing that, a
-    reply that is only the verdict ("B", "**Tie**", "Answer A is better.")."""
-    tags = re.findall(r"\[\[\s*(a|b|tie)\s*\]\]", reply or "", flags=re.IGNORECASE)
-    if tags:
-        return _VERDICTS[tags[-1].lower()]
-    words = [w for w in re.findall(r"[a-z]+", (reply or "").lower()) if w not in _FILLER]
-    return _VERDICTS.get(words[0]) if len(words) == 1 else None
-
-
-def _public_url(url) -> str:
-    """A server URL without credentials, query or fragment: safe to print and to store."""
-    parts = urlsplit(str(url))
-    host = parts.hostname or ""
-    return f"{parts.scheme}://{host}{':' + str(parts.port) if parts.port else ''}{parts.path}"
-
-
-def _scrub(text: str, secret: Optional[str]) -> str:
-    """`text` with the API key, and anything shaped like an OpenAI key, masked."""
-    if secret:
-        text = text.replace(secret, "***")
-    return re.sub(r"sk-[A-Za-z0-9_\-*.]{3,}", "sk-***", text)
-
-
-class ChatJudge:
-    """An OpenAI-compatible chat model asked which of two answers is better, at temperature 0.
-
-    Retries are the openai client's own: it retries rate limits (429), server errors (5xx), 408/409,
-    timeouts and dropped connections up to `max_retries` times, waiting 0.5 s * 2**n (at most 8 s) less
-    up to 25% random jitter, or what the server's Retry-After header asks for. A request that still
-    fails stops the run with one line (verdicts already received stay cached)."""
-
-    kind = "pairwise"
-
-    def __init__(self, model: str, api_key: str, base_url: Optional[str] = None, timeout: float = 60.0,
-                 max_retries: int = 8, max_tokens: int = 512):
-        import openai
-        self.openai, self.model, self.max_tokens, self._key = openai, model, max_tokens, api_key
-        self.client = openai.OpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=max_retries)
-        self.name = f"openai:{model}"
-        self.server = _public_url(self.client.base_url)
-
-    def key(self, prompt: str, first: str, second: str) -> str:
-        """Cache key of one (pair, order): the judge's identity and the exact messages it is sent."""
-        return _sha256([CACHE_VERSION, self.model, self.server, self.max_tokens,
-                        judge_messages(prompt, first, second)])
-
-    def ask(self, prompt: str, first: str, second: str) -> Tuple[Optional[str], str]:
-        """(verdict in positions: 'A' = first, 'B' = second, 'tie', or None if unreadable; the reply)."""
-        try:
-            response = self.client.chat.completions.create(
-                model=self.model, messages=judge_messages(prompt, first, second), temperature=0,
-                max_tokens=self.max_tokens)
-        except self.openai.AuthenticationError:
-            raise UserError(f"the judge server {self.server} rejected the API key (401): check OPENAI_API_KEY "
-                            f"or the key file") from None
-        except self.openai.APIError as e:
-            what = f"HTTP {e.status_code}" if getattr(e, "status_code", None) else type(e).__name__
-            message = _scrub(" ".join(str(e).split()), self._key)[:300]
-            raise UserError(f"judge request to {self.server} failed after retries ({what}: {message}); "
-                            f"verdicts so far are cached, rerun the same command to resume") from None
-        reply = _scrub((response.choices[0].message.content or "") if response.choices else "", self._key)
-        return parse_verdict(reply), reply
-
-
-class ScoreJudge:
-    """Scores every answer on its own (`score_fn(prompts, answers) -> scores`); the higher score wins."""
-
-    kind = "score"
-
-    def __init__(self, name: str, score_fn: Callable[[List[str], List[dict]], List[float]]):
-        self.name, self.score_fn = name, score_fn
-
-
-def function_judge(fn: Callable[[str, str], float], name: str) -> ScoreJudge:
-    """fn(prompt, response) -> float, where the response text ends with "<|endoftext|>" if the model
-    emitted EOS (the convention of task.gold_reward)."""
-    def score(prompts, answers):
-        try:
-            return [float(fn(p, a["text"] + (ENDOFTEXT if a["ended"] else ""))) for p, a in zip(prompts, answers)]
-        except ValueError as e:
-            raise UserError(f"--judge {name}: {e}") from None
-    return ScoreJudge(name, score)
-
-
-def rm_scores(rm, prompts: List[str], responses: List[str], device="cpu", precision="fp32",
-              batch_size: int = 16) -> List[float]:
-    """A RewardModel's score of each prompt + response + EOS, tokenised as the reward model was trained
-    (prompt and response encoded separately as ordinary text, then EOS; a sequence longer than the block
-    loses prompt tokens from the left, then response tokens from the left, so EOS is always read)."""
-    tok, device = get_tokenizer(), torch.device(device)
-    block = rm.config.block_size
-    seqs = []
-    for p, r in zip(tok.encode_batch(prompts, allow_special=False), tok.encode_batch(responses, allow_special=False)):
-        r = r + [EOS_ID]
-        seqs.append((p[max(0, len(p) - (block - len(r))):] if len(r) < block else []) + r[-block:])
-    scores = []
-    rm.to(device)
-    with torch.no_grad():
-        for i in range(0, len(seqs), batch_size):
-            ids, mask = tok.pad(seqs[i:i + batch_size], padding_side="right")
-            with autocast(device, precision):
-                scores += rm.score(ids.to(device), mask.to(device)).float().cpu().tolist()
-    rm.cpu()
-    return scores
-
-
-def rm_judge(run_dir: str, device="cpu", precision="fp32", batch_size: int = 16) -> ScoreJudge:
-    rm, _ = load_model(run_dir, kind="rm", what="--judge rm:")
-    rm.eval()
-    return ScoreJudge(f"rm:{run_dir}", lambda prompts, answers: rm_scores(
-        rm, prompts, [a["text"] for a in answers], device, precision, batch_size))
-
-
-JUDGE_FORMS = "openai, rm:RUN_DIR, gold, function:MODULE:ATTR"
-
-
-def api_key(key_file: Optional[str] = None) -> str:
-    """The judge's API key: --key-file, else $OPENAI_API_KEY, else ./openai.key (the original's JSON file
-    {"OPENAI_API_KEY": ...}). Never printed, never written."""
-    if key_file is None and os.environ.get("OPENAI_API_KEY"):
-        return os.environ["OPENAI_API_KEY"]
-    path = key_file or "openai.key"
-    if not os.path.isfile(path):
-        where = f"key file {path} not found" if key_file else "no API key for the OpenAI judge"
-        raise UserError(f"{where}: set OPENAI_API_KEY, or write {{\"OPENAI_API_KEY\": \"...\"}} to openai.key "
-                        f"(or --key-file PATH); a local server that needs no key: OPENAI_API_KEY=none; "
-                        f"offline judges: --judge gold, --judge rm:RUN_DIR")
-    try:
-        with open(path) as f:
-            key = json.load(f).get("OPENAI_API_KEY")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        key = None
-    if not isinstance(key, str) or not key:
-        raise UserError(f"key file {path} is not a JSON object with a non-empty \"OPENAI_API_KEY\" string")
-    return key
-
-
-def make_judge(spec: str, judge_model: str = "gpt-4o-mini", base_url: Optional[str] = None,
-               key_file: Optional[str] = None, timeout: float = 60.0, max_retries: int = 8,
-               max_tokens: int = 512, device="cpu", precision: str = "fp32", batch_size: int = 16):
-    """A judge from its --judge spec (see JUDGE_FORMS)."""
-    if spec == "openai":
-        return ChatJudge(judge_model, api_key(key_file), base_url, timeout, max_retries, max_tokens)
-    if spec.startswith("rm:"):
-        return rm_judge(spec[3:], device, precision, batch_size)
-    if spec == "gold":
-        from task import gold_reward
-        return function_judge(gold_reward, "gold")
-    if spec.startswith("function:"):
-        module_name, _, attr = spec[len("function:"):].partition(":")
-        if os.getcwd() not in sys.path:
-            sys.path.append(os.getcwd())
-        try:
-            fn = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError, ValueError) as e:
-            raise UserError(f"--judge {spec}: cannot import {module_name}.{attr} ({e})") from None
-        if not callable(fn):
-            raise UserError(f"--judge {spec}: {module_name}.{attr} is not a function")
-        return function_judge(fn, spec)
-    raise UserError(f"unknown judge {spec!r}; use one of: {JUDGE_FORMS}")
 
 
 # -----------------------------------------------------------------------------
@@ -788,7 +586,7 @@ def main(argv=None):
     prompts = load_prompts(args.prompts, limit=args.limit, split=args.split)
     out_dir = args.out_dir or make_run_dir("eval", args.name)
     os.makedirs(out_dir, exist_ok=True)
-    saved_args = {**vars(args), "base_url": args.base_url and _public_url(args.base_url)}
+    saved_args = {**vars(args), "base_url": args.base_url and public_url(args.base_url)}
     config = {"command": " ".join(["python"] + sys.argv) if argv is None else None, "args": saved_args,
               "models": models, "comparisons": [f"{a}:{b}" for a, b in comparisons],
               "judges": list(judges), "device": str(device), "precision": precision, "prompts": args.prompts}

@@ -8,10 +8,10 @@ Every stage runs through the same code as its script (train_sft.py, train_rm.py,
 evaluate.py) into one run directory, and a results table is printed and saved.
 
 Examples:
-  # the main job: ~9 minutes on 2 CPU cores
+  # the main job (the full plan; --help lists every plan's step counts)
   python src/pipeline.py
 
-  # a shortened run (~4 minutes; what the tests run)
+  # a shortened run (what the tests run)
   python src/pipeline.py --plan quick
 
   # longer PPO than the plan's
@@ -30,8 +30,9 @@ from typing import Dict, List, Optional
 
 from checkpoints import init_model, save_model
 from cli import parser, seed_process
-from common import UserError, make_run_dir, run_cli, write_json_atomic
+from common import UserError, make_run_dir, resolve_device, run_cli, write_json_atomic
 from configs import get_preset
+from results import answer_breakdown, over_optimisation, results_table
 
 
 @dataclass
@@ -43,11 +44,18 @@ class Plan:
     ppo: List[str] = field(default_factory=list)
     eval_limit: int = 400
     max_new_tokens: int = 32
+    about: str = ""  # what the plan is for, shown by --help
+
+    def summary(self) -> str:
+        """The plan's size in words, e.g. 'SFT 600 steps, RM 600, PPO 60, 400 evaluation prompts'."""
+        sft, rm, ppo = (flags[flags.index("--max-steps") + 1] for flags in (self.sft, self.rm, self.ppo))
+        return f"SFT {sft} steps, RM {rm}, PPO {ppo}, {self.eval_limit} evaluation prompts"
 
 
-# Tuned on the synthetic task with the tiny preset on 2 CPU cores (see README, "The offline task").
+# Tuned on the synthetic task with the tiny preset, on a CPU (see README, "The offline task").
 PLANS = {
     "full": Plan(
+        about="the main job",
         sft=["-b", "32", "--lr", "2e-3", "--max-steps", "600", "--warmup-steps", "30", "--eval-every", "200"],
         rm=["-b", "32", "--lr", "1e-3", "--max-steps", "600", "--warmup-steps", "30", "--eval-every", "200"],
         ppo=["--rollout-batch-size", "64", "--minibatch-size", "16", "--ppo-epochs", "4", "--max-steps", "60",
@@ -55,6 +63,7 @@ PLANS = {
              "--save-every", "10", "--keep-last", "100"],
     ),
     "quick": Plan(
+        about="a shortened run, what the tests run",
         sft=["-b", "32", "--lr", "2e-3", "--max-steps", "400", "--warmup-steps", "20", "--eval-every", "0"],
         rm=["-b", "32", "--lr", "1e-3", "--max-steps", "250", "--warmup-steps", "20", "--eval-every", "0"],
         ppo=["--rollout-batch-size", "64", "--minibatch-size", "16", "--ppo-epochs", "4", "--max-steps", "15",
@@ -63,6 +72,7 @@ PLANS = {
         eval_limit=200,
     ),
     "smoke": Plan(
+        about="checks the plumbing",
         sft=["-b", "8", "--lr", "2e-3", "--max-steps", "20", "--warmup-steps", "2", "--eval-every", "0"],
         rm=["-b", "8", "--lr", "1e-3", "--max-steps", "10", "--warmup-steps", "2", "--eval-every", "0"],
         ppo=["--rollout-batch-size", "8", "--minibatch-size", "4", "--ppo-epochs", "2", "--max-steps", "3",
@@ -92,12 +102,12 @@ def main(argv=None):
     ap.add_argument("-n", "--name", default="task", help="experiment name, part of the run directory")
     ap.add_argument("--preset", default="tiny", help="model preset for every stage")
     ap.add_argument("--plan", default="full", choices=sorted(PLANS),
-                    help="step counts and learning rates of every stage on the synthetic task: full (the main job, "
-                         "~9 min on 2 CPU cores), quick (~4 min, what the tests run), smoke (~1 min, checks the "
-                         "plumbing). With --data the scripts' own defaults apply instead (and --*-args)")
+                    help="step counts and learning rates of every stage on the synthetic task: "
+                         + "; ".join(f"{name} ({plan.about}: {plan.summary()})" for name, plan in PLANS.items())
+                         + ". With --data the scripts' own defaults apply instead (and --*-args)")
     ap.add_argument("--seed", type=int, default=0, help="seeds data, initialisation, sampling and evaluation")
     ap.add_argument("--out-dir", default="runs", help="where the run directory is made")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--data", default=None,
                     help="real data instead of the synthetic task: HH-style pairs for all three stages, each stage "
                          "keeping its own disjoint part of the prompts (see src/dataset.py)")
@@ -117,9 +127,7 @@ def main(argv=None):
         if args.eval_limit < 1:
             raise UserError("--eval-limit must be at least 1")
         plan = replace(plan, eval_limit=args.eval_limit)
-    if args.device == "auto":
-        import torch
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = str(resolve_device(args.device))  # a name again: the stage scripts take it as a flag
     run_dir = make_run_dir("pipeline", args.name, args.out_dir)
     print(f"run directory: {run_dir}", flush=True)
     timer = Timer()
@@ -179,10 +187,11 @@ def evaluate_all(run_dir, stage_dirs, base, prompts_source, judges, plan, args) 
     """PPO vs SFT and SFT vs the initial model, under every judge."""
     import evaluate
     from dataset import load_prompts
+    from judges import make_judge
     prompts = load_prompts(prompts_source, limit=plan.eval_limit, split="test" if args.data else "train")
     models = {"init": base, "sft": stage_dirs["sft"], "ppo": stage_dirs["ppo"]}
     params = evaluate.GenParams(max_new_tokens=plan.max_new_tokens, temperature=1.0, top_k=0, seed=args.seed)
-    built = [evaluate.make_judge(spec, device=args.device) for spec in judges]
+    built = [make_judge(spec, device=args.device) for spec in judges]
     return evaluate.evaluate(models, prompts, built, comparisons=[("ppo", "sft"), ("sft", "init")],
                              out_dir=os.path.join(run_dir, "eval"), cache_dir=os.path.join(run_dir, "eval"),
                              params=params, device=args.device)
@@ -195,7 +204,7 @@ def rm_gold_accuracy(rm_dir: str, rm_test: str, device: str) -> dict:
 
     import task
     from checkpoints import load_model
-    from evaluate import rm_scores
+    from judges import rm_scores
     rm, _ = load_model(rm_dir, kind="rm")
     rm.eval()
     with open(rm_test) as f:
@@ -213,95 +222,6 @@ def rm_gold_accuracy(rm_dir: str, rm_test: str, device: str) -> dict:
             "labels_vs_gold": (gold > 0).float().mean().item(),
             "content_pairs": int(content.sum()), "vs_gold_content_pairs": share(content),
             "vs_gold_style_pairs": share(~content)}
-
-
-ANSWER_KINDS = {  # name -> (gold term, value): what the evaluation answers are made of
-    "correct": ("content", 2.0), "wrong": ("content", -1.0), "no answer": ("content", 0.0),
-    "polite": ("tone", 0.5), "rude": ("tone", -1.0), "too long": ("length", "<0"),
-    "repeats": ("repetition", -1.0), "no EOS": ("ending", -1.0)}
-
-
-def answer_breakdown(generations: str) -> Dict[str, dict]:
-    """model -> share of its evaluation answers of each kind (ANSWER_KINDS), from the gold
-    reward's terms: where each policy gains and loses reward."""
-    import task
-    with open(generations) as f:
-        rows = [json.loads(line) for line in f]
-    out = {}
-    for name in rows[0]["answers"]:
-        terms = [task.gold_breakdown(r["prompt"], r["answers"][name]["text"], r["answers"][name]["ended"])
-                 for r in rows]
-        out[name] = {kind: sum(t[term] < 0 if value == "<0" else t[term] == value for t in terms) / len(terms)
-                     for kind, (term, value) in ANSWER_KINDS.items()}
-    return out
-
-
-def over_optimisation(ppo_dir: str, run_dir: str) -> List[dict]:
-    """Gold and RM reward of the policy at each PPO evaluation, against its KL from the SFT model:
-    a table in results and a PNG plot in the run directory."""
-    from report import plot_reward_curves, ppo_curve
-    points = ppo_curve(ppo_dir)
-    if points:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig = plt.figure(figsize=(9, 4))
-        plot_reward_curves(fig, [("PPO", points, "o")], rect=(0.08, 0.13, 0.9, 0.78))
-        fig.savefig(os.path.join(run_dir, "over_optimisation.png"), dpi=120)
-        plt.close(fig)
-    return points
-
-
-def _pct(x):
-    return "–" if x is None else f"{100 * x:.1f}%"
-
-
-def _num(x):
-    return "–" if x is None else f"{x:.3f}"
-
-
-def win_rate_table(results: dict) -> List[str]:
-    """One Markdown row per (comparison, judge)."""
-    out = ["| comparison | judge | wins | ties | losses | win-rate (ties half) | 95% CI | mean score a / b |",
-           "|---|---|---|---|---|---|---|---|"]
-    for r in results.get("results", []):
-        ci = r["ci95"] or [None, None]
-        out.append(f"| {r['a']} vs {r['b']} | {r['judge'].split(':')[0]} | {r['wins']} | {r['ties']} | "
-                   f"{r['losses']} | {_pct(r['win_rate'])} | [{_pct(ci[0])}, {_pct(ci[1])}] | "
-                   f"{_num(r['mean_score_a'])} / {_num(r['mean_score_b'])} |")
-    return out
-
-
-def answers_table(results: dict) -> List[str]:
-    """Share of each model's evaluation answers of each kind (ANSWER_KINDS)."""
-    out = ["| answers of | " + " | ".join(ANSWER_KINDS) + " |", "|---" * (len(ANSWER_KINDS) + 1) + "|"]
-    for name, shares in results["answers"].items():
-        out.append(f"| {name} | " + " | ".join(_pct(shares[k]) for k in ANSWER_KINDS) + " |")
-    return out
-
-
-def results_table(results: dict) -> str:
-    """The run's results as Markdown: win-rates per judge, RM accuracy, what the answers are made of,
-    over-optimisation, wall times."""
-    out = ["## Results", "", *win_rate_table(results)]
-    if "rm_gold_accuracy" in results:
-        acc = results["rm_gold_accuracy"]
-        out += ["", f"Reward model on {acc['pairs']} held-out pairs: agrees with the noiseless gold preference "
-                    f"{_pct(acc['vs_gold'])}, with the noisy labels {_pct(acc['vs_noisy_labels'])} "
-                    f"(the labels themselves agree with gold {_pct(acc['labels_vs_gold'])}); on the "
-                    f"{acc['content_pairs']} pairs that differ in correctness {_pct(acc['vs_gold_content_pairs'])}, "
-                    f"on those that differ only in style {_pct(acc['vs_gold_style_pairs'])}."]
-    if results.get("answers"):
-        out += ["", *answers_table(results)]
-    if results.get("over_optimisation"):
-        out += ["", "| PPO step | KL to SFT | RM score (raw) | gold |", "|---|---|---|---|"]
-        for p in results["over_optimisation"]:
-            out.append(f"| {p['step']} | {p['kl']:.2f} | {_num(p['rm_score'])} | {_num(p['gold'])} |")
-    out += ["", "| stage | seconds |", "|---|---|"]
-    out += [f"| {k} | {v:.0f} |" for k, v in results["seconds"].items()]
-    out.append(f"| total | {sum(results['seconds'].values()):.0f} |")
-    return "\n".join(out)
 
 
 if __name__ == "__main__":
