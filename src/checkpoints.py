@@ -176,9 +176,9 @@ def init_model(kind: str, config: ModelConfig, init: Optional[str] = None, what:
 
 def save_training_checkpoint(run_dir: str, step: int, models: dict, stage: str, preset: Optional[str],
                              optimizers: dict, schedulers: dict, trainer_state: dict, rng_states: list,
-                             keep_last: int) -> str:
+                             keep_last: int, scaler=None) -> str:
     """checkpoints/step_XXXXXX/ with one safetensors file per model, optimizer.pt (optimizers,
-    schedulers, each process's RNG state) and trainer_state.json, written to a temporary directory
+    schedulers, the fp16 GradScaler's loss scale, each process's RNG state) and trainer_state.json, written to a temporary directory
     and renamed into place; then all but the newest `keep_last` checkpoints are removed.
 
     The temporary directory is `.tmp_step_XXXXXX`, not common.atomic_path's `step_XXXXXX.tmpPID`:
@@ -196,6 +196,7 @@ def save_training_checkpoint(run_dir: str, step: int, models: dict, stage: str, 
         "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
         "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
         "rng": rng_states,
+        "scaler": scaler.state_dict() if scaler is not None else None,  # without it fp16 resume is not exact
     }, os.path.join(tmp, "optimizer.pt"))
     with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
         json.dump(trainer_state, f, indent=2)
@@ -207,8 +208,8 @@ def save_training_checkpoint(run_dir: str, step: int, models: dict, stage: str, 
     return final
 
 
-def load_training_checkpoint(ckpt_dir: str, models: dict, optimizers: dict, schedulers: dict):
-    """Restore models, optimizers and schedulers in place; returns (trainer_state, rng_states)."""
+def load_training_checkpoint(ckpt_dir: str, models: dict, optimizers: dict, schedulers: dict, scaler=None):
+    """Restore models, optimizers, schedulers and the GradScaler in place; returns (trainer_state, rng_states)."""
     for name, model in models.items():
         file = os.path.join(ckpt_dir, MODEL_FILE) if name == "model" else os.path.join(ckpt_dir, name, MODEL_FILE)
         model.load_state_dict(load_file(file), strict=True)
@@ -217,6 +218,8 @@ def load_training_checkpoint(ckpt_dir: str, models: dict, optimizers: dict, sche
         o.load_state_dict(blob["optimizers"][k])
     for k, s in schedulers.items():
         s.load_state_dict(blob["schedulers"][k])
+    if scaler is not None and blob.get("scaler"):
+        scaler.load_state_dict(blob["scaler"])
     with open(os.path.join(ckpt_dir, "trainer_state.json")) as f:
         return json.load(f), blob["rng"]
 

@@ -7,6 +7,7 @@ the CLI prints one line on stderr and exits with code 2, no traceback. Bugs keep
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -89,7 +90,10 @@ def default_precision(device: torch.device) -> str:
 
 
 def make_run_dir(stage: str, name: str, root: str = "runs") -> str:
-    """runs/<stage>_<name>_<YYYYmmdd-HHMMSS>/, made unique if two runs start in the same second."""
+    """runs/<stage>_<name>_<YYYYmmdd-HHMMSS>/, made unique if two runs start in the same second.
+    The name is one path component: a name with a separator or '..' could write outside `root`."""
+    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name) or ".." in name:
+        raise UserError(f"-n/--name {name!r}: use letters, digits and _ . + - only (no path separators, no '..')")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = os.path.join(root, f"{stage}_{name}_{stamp}")
     path, n = base, 1

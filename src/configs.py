@@ -15,6 +15,19 @@ EOS_ID = 50256  # <|endoftext|>
 LORA_TARGETS = ("q", "k", "v", "attn_out", "mlp_in", "mlp_out")
 
 
+_RANGES = {">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, "> 0": lambda v: v > 0,
+           "in [0, 1]": lambda v: 0 <= v <= 1, "in [0, 1)": lambda v: 0 <= v < 1}
+
+
+def check_ranges(cfg, rules: dict):
+    """A UserError naming the flag for the first field of `cfg` outside its range (None = unset, allowed),
+    so `--lr -1` is one line and exit 2, not a traceback from deep inside torch."""
+    for name, rule in rules.items():
+        value = getattr(cfg, name)
+        if value is not None and not _RANGES[rule](value):
+            raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     n_layer: int = 12  # transformer blocks
@@ -119,9 +132,11 @@ class TrainConfig:
     def __post_init__(self):
         if self.schedule not in ("cosine", "linear", "constant"):
             raise UserError(f"unknown schedule {self.schedule!r}; use cosine, linear or constant")
-        for name in ("batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be at least 1")
+        check_ranges(self, {"batch_size": ">= 1", "grad_accum": ">= 1", "lr": "> 0", "warmup_steps": ">= 0",
+                            "min_lr_ratio": "in [0, 1]", "weight_decay": ">= 0", "beta1": "in [0, 1)",
+                            "beta2": "in [0, 1)", "adam_eps": "> 0", "grad_clip": ">= 0", "epochs": "> 0",
+                            "max_steps": ">= 0", "eval_every": ">= 0", "eval_batches": ">= 1", "save_every": ">= 0",
+                            "keep_last": ">= 1", "log_every": ">= 1"})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -153,11 +168,14 @@ class PPOConfig:
     eval_samples: int = 64  # held-out prompts scored at every evaluation
 
     def __post_init__(self):
+        check_ranges(self, {"rollout_batch_size": ">= 1", "minibatch_size": ">= 1", "ppo_epochs": ">= 1",
+                            "max_new_tokens": ">= 1", "temperature": "> 0", "kl_coef": ">= 0", "target_kl": "> 0",
+                            "kl_horizon": ">= 1", "gamma": "in [0, 1]", "lam": "in [0, 1]", "cliprange": "> 0",
+                            "cliprange_value": "> 0", "actor_lr": "> 0", "critic_lr": "> 0", "reward_clip": "> 0",
+                            "eval_samples": ">= 1"})
         if self.rollout_batch_size % self.minibatch_size:
             raise UserError(f"--minibatch-size {self.minibatch_size} must divide "
                             f"--rollout-batch-size {self.rollout_batch_size}")
-        if self.target_kl is not None and self.target_kl <= 0:
-            raise UserError("--target-kl must be positive")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -269,25 +269,38 @@ def _outcome(first: Optional[str], second: Optional[str]) -> Tuple[Optional[str]
     return outcome, a1 == a2
 
 
+MAX_ASKS = 3  # times one (pair, order) is asked while its replies stay unreadable
+
+
+def _needs_asking(cache: JsonlCache, key: str) -> bool:
+    """Not asked yet, or every reply so far unreadable and fewer than MAX_ASKS of them."""
+    record = cache.get(key)
+    return record is None or (record["verdict"] is None and record.get("asks", 1) < MAX_ASKS)
+
+
 def _ask_all(judge: ChatJudge, requests: Dict[str, tuple], cache: JsonlCache, max_concurrency: int):
-    """Ask the judge every request not yet in the cache, at most `max_concurrency` at a time; each verdict
-    is appended to the cache as it arrives."""
-    todo = {k: r for k, r in requests.items() if k not in cache}
-    if not todo:
-        return
-    log(f"{judge.name}: {len(todo)} requests to {judge.server} ({len(requests) - len(todo)} cached)")
+    """Ask the judge every request without a readable verdict in the cache, at most `max_concurrency` at a
+    time, each verdict appended to the cache as it arrives; an unreadable reply is asked again, up to
+    MAX_ASKS times in all, and the record keeps how many times it was asked and why the last reply ended."""
+    for _ in range(MAX_ASKS):
+        todo = {k: r for k, r in requests.items() if _needs_asking(cache, k)}
+        if not todo:
+            return
+        log(f"{judge.name}: {len(todo)} requests to {judge.server} ({len(requests) - len(todo)} answered)")
 
-    def ask(key, request):
-        verdict, reply = judge.ask(*request)
-        cache.put(key, {"judge": judge.name, "verdict": verdict, "reply": reply})
+        def ask(key, request):
+            verdict, reply, finish = judge.ask(*request)
+            asks = (cache.get(key) or {}).get("asks", 0) + 1
+            cache.put(key, {"judge": judge.name, "verdict": verdict, "reply": reply, "finish_reason": finish,
+                            "asks": asks})
 
-    pool = ThreadPoolExecutor(max_workers=max_concurrency)
-    try:
-        futures = [pool.submit(ask, k, r) for k, r in todo.items()]
-        for f in tqdm(as_completed(futures), total=len(futures), desc=judge.name, disable=not is_interactive()):
-            f.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # on failure: requests in flight finish and are cached
+        pool = ThreadPoolExecutor(max_workers=max_concurrency)
+        try:
+            futures = [pool.submit(ask, k, r) for k, r in todo.items()]
+            for f in tqdm(as_completed(futures), total=len(futures), desc=judge.name, disable=not is_interactive()):
+                f.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # on failure: requests in flight finish and are cached
 
 
 def judge_comparisons(prompts: List[str], answers: Dict[str, List[dict]], comparisons: List[Tuple[str, str]],
@@ -528,6 +541,11 @@ def model_specs(args) -> Dict[str, str]:
     for name, path in (("sft", args.sft), ("ppo", args.ppo)):
         if path:
             check_model_source(path, f"-{name[0]}/--{name}", local_only=True)
+            kind = checkpoint_info(path)["kind"] if is_checkpoint(path) else "lm"
+            if kind != "lm":  # its backbone was never trained to answer: generating from it means nothing
+                raise UserError(f"-{name[0]}/--{name} {path} holds a {kind} model, which scores answers and does "
+                                f"not write them; give an {name.upper()} run (--model NAME=PATH still compares a "
+                                f"reward model's backbone, if that is what you want)")
             given[name] = path
     for item in args.model:
         name, sep, path = item.partition("=")

@@ -65,15 +65,33 @@ _VERDICTS = {"a": "A", "b": "B", "tie": "tie"}
 _FILLER = {"final", "verdict", "answer", "is", "the", "better", "my"}
 
 
+_SHORT = 12  # words: a longer reply without a [[tag]] is reasoning whose conclusion is not guessed at
+_TIE = re.compile(r"\b(?:it'?s a tie|tie|equally (?:good|bad|helpful|poor|strong|weak)|"
+                  r"(?:both|they)(?: answers)? are (?:equally|equal|the same)|neither (?:one )?is better)\b")
+_PICK = re.compile(r"\b(?:i (?:choose|pick|prefer|select)|answer|option|response)\s+\(?([ab])\)?(?![a-z])|"
+                   r"^\W*\(?([ab])\)?\W+is (?:better|the better one)\b")
+
+
 def parse_verdict(reply: str) -> Optional[str]:
     """'A', 'B' or 'tie' from a judge's reply, or None when it cannot be read. The last [[A]] / [[B]] /
     [[tie]] anywhere in the reply counts (any case, spaces inside, markdown around it); failing that, a
-    reply that is only the verdict ("B", "**Tie**", "Answer A is better.")."""
+    short reply (at most _SHORT words) that names one verdict and nothing else: "B", "**Tie**",
+    "Answer A is better.", "I choose B", "It's a tie.", "Both are equally good"."""
     tags = re.findall(r"\[\[\s*(a|b|tie)\s*\]\]", reply or "", flags=re.IGNORECASE)
     if tags:
         return _VERDICTS[tags[-1].lower()]
-    words = [w for w in re.findall(r"[a-z]+", (reply or "").lower()) if w not in _FILLER]
-    return _VERDICTS.get(words[0]) if len(words) == 1 else None
+    text = (reply or "").lower().strip()
+    words = re.findall(r"[a-z']+", text)
+    if len(words) > _SHORT:
+        return None
+    content = [w for w in words if w not in _FILLER]
+    if len(content) == 1 and content[0] in _VERDICTS:
+        return _VERDICTS[content[0]]
+    picks = {a or b for a, b in _PICK.findall(text)}
+    tie = _TIE.search(text) is not None
+    if tie and not picks:
+        return "tie"
+    return picks.pop().upper() if len(picks) == 1 and not tie else None
 
 
 def public_url(url) -> str:
@@ -113,8 +131,9 @@ class ChatJudge:
         return json_sha256([CACHE_VERSION, self.model, self.server, self.max_tokens,
                             judge_messages(prompt, first, second)])
 
-    def ask(self, prompt: str, first: str, second: str) -> Tuple[Optional[str], str]:
-        """(verdict in positions: 'A' = first, 'B' = second, 'tie', or None if unreadable; the reply)."""
+    def ask(self, prompt: str, first: str, second: str) -> Tuple[Optional[str], str, Optional[str]]:
+        """(verdict in positions: 'A' = first, 'B' = second, 'tie', or None if unreadable; the reply; why
+        the reply ended: "stop", "length" for one cut at max_tokens, ...)."""
         try:
             response = self.client.chat.completions.create(
                 model=self.model, messages=judge_messages(prompt, first, second), temperature=0,
@@ -127,8 +146,9 @@ class ChatJudge:
             message = _scrub(" ".join(str(e).split()), self._key)[:300]
             raise UserError(f"judge request to {self.server} failed after retries ({what}: {message}); "
                             f"verdicts so far are cached, rerun the same command to resume") from None
-        reply = _scrub((response.choices[0].message.content or "") if response.choices else "", self._key)
-        return parse_verdict(reply), reply
+        choice = response.choices[0] if response.choices else None
+        reply = _scrub((choice.message.content or "") if choice else "", self._key)
+        return parse_verdict(reply), reply, choice.finish_reason if choice else None
 
 
 # -----------------------------------------------------------------------------

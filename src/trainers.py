@@ -54,12 +54,16 @@ class Dist:
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.is_main = self.rank == 0
+        self.device = torch.device("cpu")  # where tensors for collectives live (see init)
 
     @property
     def enabled(self):
         return self.world_size > 1
 
     def init(self, device: torch.device):
+        """Join the process group: NCCL on CUDA devices, gloo on CPUs. NCCL reduces only tensors on
+        the GPU, so collectives then use this process's device; gloo uses the CPU."""
+        self.device = device if device.type == "cuda" else torch.device("cpu")
         if self.enabled and not dist.is_initialized():
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
@@ -86,7 +90,7 @@ class Dist:
     def mean(self, value: float) -> float:
         if not self.enabled:
             return value
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.item() / self.world_size
 
@@ -517,11 +521,12 @@ class Trainer:
             save_training_checkpoint(
                 self.run_dir, self.step, self.stage.models, self.stage.name, self.preset, self.optimizers,
                 self.schedulers, {**self.state, "step": self.step, "stage": self.stage.extra_state()}, rngs,
-                self.cfg.keep_last)
+                self.cfg.keep_last, self.scaler)
         self.dist.barrier()
 
     def resume(self, ckpt_dir: str):
-        self.state, rngs = load_training_checkpoint(ckpt_dir, self.stage.models, self.optimizers, self.schedulers)
+        self.state, rngs = load_training_checkpoint(ckpt_dir, self.stage.models, self.optimizers, self.schedulers,
+                                                    self.scaler)
         self.step = self.state["step"]
         self.stage.load_extra_state(self.state.pop("stage", {}))
         if len(rngs) != self.dist.world_size:

@@ -541,3 +541,37 @@ def test_bad_input_is_a_user_error(ckpts, tmp_path, monkeypatch, args, message):
     with pytest.raises(UserError, match=re.escape(message)):
         main(base + args)
     assert not (tmp_path / "runs").exists()
+
+
+def test_unreadable_replies_are_asked_again_a_bounded_number_of_times(tmp_path):
+    """An unreadable reply is not a verdict: it is asked again (up to MAX_ASKS times per pair and order),
+    a readable one never; the cache records how often each was asked, so a rerun asks nothing new."""
+    from evaluate import MAX_ASKS
+    from judges import json_sha256, parse_verdict
+
+    class FlakyJudge:
+        kind, name, server = "pairwise", "flaky", "in-process"
+
+        def __init__(self):
+            self.asked = Counter()
+
+        def key(self, prompt, first, second):
+            return json_sha256([prompt, first, second])
+
+        def ask(self, prompt, first, second):
+            self.asked[prompt, first] += 1
+            if prompt == "never" or self.asked[prompt, first] == 1:
+                return None, "I am not sure.", "length"
+            return parse_verdict("[[A]]"), "[[A]]", "stop"
+
+    prompts = ["once", "never"]
+    answers = {"x": [{"text": "yes", "ended": True}] * 2, "y": [{"text": "no", "ended": True}] * 2}
+    judge, cache = FlakyJudge(), str(tmp_path / "verdicts.jsonl")
+    records = judge_comparisons(prompts, answers, [("x", "y")], judge, cache)["x:y"]
+    assert judge.asked == {("once", "yes"): 2, ("once", "no"): 2, ("never", "yes"): MAX_ASKS,
+                           ("never", "no"): MAX_ASKS}
+    assert records[0]["verdicts"] == ["A", "A"] and records[0]["outcome"] == "tie"  # A both times: a flip
+    assert records[1]["outcome"] is None and records[1]["verdicts"] == [None, None]
+    again = FlakyJudge()
+    judge_comparisons(prompts, answers, [("x", "y")], again, cache)
+    assert sum(again.asked.values()) == 0

@@ -21,6 +21,10 @@ SECRET = "sk-test-0123456789abcdefSECRET"
     ("[[A]]", "A"), ("Reasoning...\n\n[[B]]", "B"), ("**[[ Tie ]]**", "tie"), ("verdict: [[a]].", "A"),
     ("Not [[A]] at first sight, but on reflection [[B]]", "B"), ("B", "B"), ("**Tie**", "tie"),
     ("Answer A is better.", "A"), ("", None), ("I cannot decide.", None), ("A or B", None), ("[[C]]", None),
+    ("It's a tie.", "tie"), ("Both are equally good", "tie"), ("Both answers are equally bad.", "tie"),
+    ("Neither is better.", "tie"), ("I choose B", "B"), ("I prefer answer A.", "A"), ("Response B", "B"),
+    ("B is better.", "B"), ("I choose A, no wait, I choose B", None), ("Answer A is a tie with B", None),
+    ("Answer B is better because " + "it explains more " * 5 + "than answer A", None),
 ])
 def test_parse_verdict(reply, verdict):
     assert parse_verdict(reply) == verdict

@@ -154,8 +154,18 @@ def test_two_processes_with_torchrun(data, tmp_path):
     assert r.stdout.count("done:") == 1
 
 
+def rm_checkpoint(tmp_path):
+    """A reward-model run directory of the nano preset (random weights)."""
+    from checkpoints import save_model
+    from configs import get_preset
+    from gpt import RewardModel
+    out = tmp_path / "rm_run" / "final"
+    save_model(RewardModel(get_preset("nano")), str(out), stage="rm", preset="nano")
+    return tmp_path / "rm_run"
+
+
 @pytest.mark.parametrize("case", ["missing_data", "missing_init", "wrong_preset", "empty_data", "rm_as_actor_init",
-                                  "bad_json"])
+                                  "bad_json", "negative_lr", "zero_minibatch", "name_escapes_runs", "rm_as_policy"])
 def test_bad_input_is_one_line_and_exit_2(case, sft_run, data, tmp_path):
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"prompt": "x", "response": ""}])
     bad = tmp_path / "bad.jsonl"
@@ -171,6 +181,12 @@ def test_bad_input_is_one_line_and_exit_2(case, sft_run, data, tmp_path):
         "empty_data": ["train_sft.py", "--preset", "nano", "--data", empty, *base],
         "rm_as_actor_init": ["train_ppo.py", "-a", sft_run, "-c", sft_run, "--prompts", data["sft"], "--part", "all"],
         "bad_json": ["train_sft.py", "--preset", "nano", "--data", bad, *base],
+        "negative_lr": ["train_sft.py", "--preset", "nano", "--data", data["sft"], "--lr", "-1", *base],
+        "zero_minibatch": ["train_ppo.py", "-a", sft_run, "-c", sft_run, "--prompts", data["sft"], "--part", "all",
+                           "--minibatch-size", "0"],
+        "name_escapes_runs": ["train_sft.py", "--preset", "nano", "--data", data["sft"], "-n", "../../x", *base],
+        "rm_as_policy": ["evaluate.py", "-s", rm_checkpoint(tmp_path), "-p", sft_run, "--prompts", data["sft"],
+                         "--judge", "gold", "--out-dir", tmp_path / "eval"],
     }[case]
     r = run_script(*args)
     assert r.returncode == 2, (r.stdout, r.stderr)
@@ -179,6 +195,50 @@ def test_bad_input_is_one_line_and_exit_2(case, sft_run, data, tmp_path):
     assert "Traceback" not in r.stderr
     expected = {"missing_data": "not found", "missing_init": "not found", "wrong_preset": "does not fit the preset",
                 "empty_data": "no usable examples", "rm_as_actor_init": "expected a rm checkpoint",
-                "bad_json": "line 2"}[case]
+                "bad_json": "line 2", "negative_lr": "--lr must be > 0, got -1.0",
+                "zero_minibatch": "--minibatch-size must be >= 1", "name_escapes_runs": "no path separators",
+                "rm_as_policy": "holds a rm model"}[case]
     assert expected in lines[0], lines[0]
     assert not glob.glob(str(tmp_path / "sft_*" / "final")), "a run trained despite bad input"
+
+
+def test_collectives_use_the_device_nccl_needs(monkeypatch):
+    """NCCL all-reduces only GPU tensors: under a CUDA device Dist.mean must build its tensor there,
+    under gloo on the CPU. Checked without a GPU by recording what all_reduce is given."""
+    import torch
+    import torch.distributed
+
+    from trainers import Dist
+    seen = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t: seen.append(t.device))
+    monkeypatch.setattr(torch, "tensor", lambda data, dtype=None, device=None: type(
+        "T", (), {"device": torch.device(device or "cpu"), "item": lambda self: data[0]})())
+    for device, want in ((torch.device("cuda", 1), torch.device("cuda", 1)), (torch.device("cpu"), torch.device("cpu"))):
+        d = Dist()
+        d.init(device)
+        assert d.mean(3.0) == 1.5
+        assert seen[-1] == want
+
+
+def test_grad_scaler_state_survives_a_checkpoint(tmp_path):
+    """fp16 training keeps a loss scale that moves with overflows; a resume must continue from it."""
+    import torch
+
+    from checkpoints import load_training_checkpoint, rng_state, save_training_checkpoint, set_rng_state
+    from configs import ModelConfig
+    from gpt import GPT
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16))
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7)
+    scaler.scale(torch.ones(1))
+    scaler.update(new_scale=96.0)
+    ckpt = save_training_checkpoint(str(tmp_path), 3, {"model": model}, "sft", None, {"model": opt},
+                                    {"model": sched}, {"step": 3}, [rng_state()], keep_last=1, scaler=scaler)
+    fresh = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    state, rngs = load_training_checkpoint(ckpt, {"model": model}, {"model": opt}, {"model": sched}, fresh)
+    set_rng_state(rngs[0])
+    assert state["step"] == 3
+    assert fresh.get_scale() == 96.0 and fresh.get_growth_interval() == 7
