@@ -178,8 +178,9 @@ def save_training_checkpoint(run_dir: str, step: int, models: dict, stage: str, 
                              optimizers: dict, schedulers: dict, trainer_state: dict, rng_states: list,
                              keep_last: int, scaler=None) -> str:
     """checkpoints/step_XXXXXX/ with one safetensors file per model, optimizer.pt (optimizers,
-    schedulers, the fp16 GradScaler's loss scale, each process's RNG state) and trainer_state.json, written to a temporary directory
-    and renamed into place; then all but the newest `keep_last` checkpoints are removed.
+    schedulers, the fp16 GradScaler's loss scale, each process's RNG state) and trainer_state.json,
+    written to a temporary directory and renamed into place; then all but the newest `keep_last`
+    checkpoints are removed.
 
     The temporary directory is `.tmp_step_XXXXXX`, not common.atomic_path's `step_XXXXXX.tmpPID`:
     its name must not match `step_*`, which latest_checkpoint and the pruning below glob for. An

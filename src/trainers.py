@@ -333,7 +333,8 @@ class PPOStage(Stage):
         t0 = time.time()
         rollout = collect_rollout(models, batch["input_ids"], batch["attention_mask"], batch["prompts"],
                                   self.score_fn(trainer), self.normalizer, self.kl.value, self.cfg,
-                                  gather=lambda t: torch.cat([torch.as_tensor(x) for x in trainer.dist.gather(t.cpu())]))
+                                  gather=lambda t: torch.cat([torch.as_tensor(x)
+                                                              for x in trainer.dist.gather(t.cpu())]))
         t1 = time.time()
         stats = ppo_update(rollout, models, self.cfg,
                            actor_step=lambda loss: trainer.minimize("model", loss, "policy loss"),

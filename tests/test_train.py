@@ -215,7 +215,8 @@ def test_collectives_use_the_device_nccl_needs(monkeypatch):
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda t: seen.append(t.device))
     monkeypatch.setattr(torch, "tensor", lambda data, dtype=None, device=None: type(
         "T", (), {"device": torch.device(device or "cpu"), "item": lambda self: data[0]})())
-    for device, want in ((torch.device("cuda", 1), torch.device("cuda", 1)), (torch.device("cpu"), torch.device("cpu"))):
+    cuda, cpu = torch.device("cuda", 1), torch.device("cpu")
+    for device, want in ((cuda, cuda), (cpu, cpu)):
         d = Dist()
         d.init(device)
         assert d.mean(3.0) == 1.5
