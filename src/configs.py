@@ -161,7 +161,7 @@ class PPOConfig:
     cliprange_value: float = 0.2  # value clip around the rollout's values
     actor_lr: float = 1e-5  # actor learning rate (warmup + decay from TrainConfig)
     critic_lr: float = 1e-5  # critic learning rate
-    missing_eos_penalty: Optional[float] = -1.0  # score of a response with no EOS (None = score it)
+    missing_eos_penalty: Optional[float] = 1.0  # no EOS: score this far below the worst finished answer (None: off)
     normalize_reward: bool = True  # gain/bias fitted on the first rollout (SFT samples): mean 0, std 1
     reward_clip: Optional[float] = None  # clip (normalised) scores to +-reward_clip
     whiten_rewards: bool = False  # whiten per-token rewards over the batch, keeping their mean
@@ -172,6 +172,7 @@ class PPOConfig:
                             "max_new_tokens": ">= 1", "temperature": "> 0", "kl_coef": ">= 0", "target_kl": "> 0",
                             "kl_horizon": ">= 1", "gamma": "in [0, 1]", "lam": "in [0, 1]", "cliprange": "> 0",
                             "cliprange_value": "> 0", "actor_lr": "> 0", "critic_lr": "> 0", "reward_clip": "> 0",
+                            "missing_eos_penalty": ">= 0",
                             "eval_samples": ">= 1"})
         if self.rollout_batch_size % self.minibatch_size:
             raise UserError(f"--minibatch-size {self.minibatch_size} must divide "

@@ -6,7 +6,8 @@ or at "\\n\\nHuman:"); a judge then compares two models' answers prompt by promp
   openai              an OpenAI-compatible chat model (--judge-model, --base-url), temperature 0, asked
                       about every pair in both orders; a verdict that flips with the order is a tie
   rm:RUN_DIR          a reward-model run scores each answer (+ EOS, as it was trained); higher wins
-  gold                the synthetic task's gold reward (src/task.py); needs the task's prompts
+  gold                the synthetic task's gold reward (src/task.py); needs the task's prompts;
+                      gold:correctness and gold:style score its two parts alone
   function:MOD:ATTR   any fn(prompt, response) -> float; the response text ends with "<|endoftext|>"
                       when the model emitted EOS; MOD is imported from src/ or the current directory
 Answers and verdicts are cached in --cache-dir: a rerun with another judge generates nothing, a changed
@@ -18,7 +19,7 @@ Examples:
   # offline, on a fresh clone: the README pipeline's tiny SFT and PPO models (random init, so no
   # vanilla GPT-2 to compare with), judged by the synthetic task's gold reward and by its reward model
   python src/evaluate.py -n demo -s runs/pipeline_<stamp>/sft -p runs/pipeline_<stamp>/ppo \\
-      --prompts synthetic:eval_prompts --limit 200 --max-new-tokens 32 \\
+      --prompts synthetic:test_prompts --limit 200 --max-new-tokens 32 \\
       --judge gold --judge rm:runs/pipeline_<stamp>/rm
 
   # the original's evaluation: vanilla GPT-2 medium, SFT and PPO answer 153 awesome-chatgpt-prompts,
@@ -59,7 +60,7 @@ from common import (
 from configs import EOS_ID
 from dataset import load_prompts
 from gpt import GPT
-from judges import CACHE_VERSION, JUDGE_FORMS, ChatJudge, json_sha256, make_judge, public_url
+from judges import CACHE_VERSION, JUDGE_FORMS, ChatJudge, json_sha256, make_judge, public_url, why_unreadable
 from tokenizer import HUMAN, get_tokenizer
 
 STOP = HUMAN  # a model that starts the next human turn has finished its answer
@@ -72,8 +73,8 @@ def log(*args):
 
 class JsonlCache:
     """A dict kept in an append-only JSON-lines file, one {"key": ..., **value} per line, written as each
-    value arrives: a killed run loses at most the line being written (a torn last line is skipped).
-    path=None keeps it in memory only. Thread-safe."""
+    value arrives: a killed run loses at most the line being written (a torn last line is skipped, and so
+    is any line that is not such an object with a string key). path=None keeps it in memory only. Thread-safe."""
 
     def __init__(self, path: Optional[str]):
         self.path, self.data, self.lock = path, {}, threading.Lock()
@@ -84,9 +85,10 @@ class JsonlCache:
         for line in raw.decode("utf-8", errors="replace").splitlines():
             try:
                 record = json.loads(line)
-                self.data[record.pop("key")] = record
-            except (json.JSONDecodeError, KeyError, AttributeError):
+            except json.JSONDecodeError:
                 continue  # the torn last line of a killed run
+            if isinstance(record, dict) and isinstance(record.get("key"), str):
+                self.data[record.pop("key")] = record
         if raw and not raw.endswith(b"\n"):
             with open(path, "a") as f:
                 f.write("\n")  # so the next record starts on its own line
@@ -273,24 +275,30 @@ MAX_ASKS = 3  # times one (pair, order) is asked while its replies stay unreadab
 
 
 def _needs_asking(cache: JsonlCache, key: str) -> bool:
-    """Not asked yet, or every reply so far unreadable and fewer than MAX_ASKS of them."""
+    """Not asked yet, or every reply so far unreadable and fewer than MAX_ASKS of them. A record that holds
+    no verdict A / B / tie (another version's, a hand edit) counts as one unreadable reply."""
     record = cache.get(key)
-    return record is None or (record["verdict"] is None and record.get("asks", 1) < MAX_ASKS)
+    if record is None:
+        return True
+    asks = record.get("asks", 1)
+    return record.get("verdict") not in ("A", "B", "tie") and (not isinstance(asks, int) or asks < MAX_ASKS)
 
 
 def _ask_all(judge: ChatJudge, requests: Dict[str, tuple], cache: JsonlCache, max_concurrency: int):
     """Ask the judge every request without a readable verdict in the cache, at most `max_concurrency` at a
     time, each verdict appended to the cache as it arrives; an unreadable reply is asked again, up to
-    MAX_ASKS times in all, and the record keeps how many times it was asked and why the last reply ended."""
+    MAX_ASKS times in all, and the record keeps how many times it was asked and why the last reply ended.
+    Replies still unreadable at the end are logged with their reasons: they are no verdict, not a lost one."""
     for _ in range(MAX_ASKS):
         todo = {k: r for k, r in requests.items() if _needs_asking(cache, k)}
         if not todo:
-            return
+            break
         log(f"{judge.name}: {len(todo)} requests to {judge.server} ({len(requests) - len(todo)} answered)")
 
         def ask(key, request):
             verdict, reply, finish = judge.ask(*request)
-            asks = (cache.get(key) or {}).get("asks", 0) + 1
+            asks = (cache.get(key) or {}).get("asks", 0)
+            asks = (asks if isinstance(asks, int) else 1) + 1
             cache.put(key, {"judge": judge.name, "verdict": verdict, "reply": reply, "finish_reason": finish,
                             "asks": asks})
 
@@ -301,6 +309,16 @@ def _ask_all(judge: ChatJudge, requests: Dict[str, tuple], cache: JsonlCache, ma
                 f.result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)  # on failure: requests in flight finish and are cached
+    why = {}
+    for record in (cache.get(k) or {} for k in requests):
+        reason = why_unreadable(record.get("verdict"), record.get("reply"), record.get("finish_reason"))
+        if reason:
+            why[reason] = why.get(reason, 0) + 1
+    if why:
+        log(f"{judge.name}: {sum(why.values())} of {len(requests)} replies unreadable after up to {MAX_ASKS} asks "
+            f"({', '.join(f'{n} {w}' for w, n in sorted(why.items()))}); they count as no verdict, and "
+            f"judgments.jsonl keeps each reply and why" + ("; a larger --judge-max-tokens may help" if "length" in why
+                                                           else ""))
 
 
 def judge_comparisons(prompts: List[str], answers: Dict[str, List[dict]], comparisons: List[Tuple[str, str]],
@@ -310,9 +328,11 @@ def judge_comparisons(prompts: List[str], answers: Dict[str, List[dict]], compar
     answers are the same text), and
     - score judges: scores [score of a, score of b], consistent True;
     - chat judges: verdicts [with a's answer first, with b's answer first] as the judge gave them
-      ('A' | 'B' | 'tie' | None), replies, consistent (the two orders agree; None if not both readable).
-      Identical answers are a tie without asking the judge (verdicts None).
-    Chat verdicts come from and go to `cache_path`, so no (pair, order) is ever asked twice."""
+      ('A' | 'B' | 'tie' | None), and per order the last reply, its finish_reasons, asks (times asked) and
+      unreadable (None, or why the reply could not be read: judges.why_unreadable); consistent (the two
+      orders agree; None if not both readable); status "judged" or "unreadable" (outcome None).
+      Identical answers are a tie without asking the judge (verdicts None, status "identical").
+    Chat verdicts come from and go to `cache_path`, so no readable (pair, order) is ever asked twice."""
     for a, b in comparisons:
         for name in (a, b):
             if name not in answers:
@@ -340,34 +360,80 @@ def judge_comparisons(prompts: List[str], answers: Dict[str, List[dict]], compar
         records = []
         for i, (p, x, y) in enumerate(zip(prompts, answers[a], answers[b])):
             if x["text"].strip() == y["text"].strip():
-                records.append({"i": i, "outcome": "tie", "identical": True, "verdicts": None, "consistent": None})
+                records.append({"i": i, "outcome": "tie", "identical": True, "verdicts": None, "consistent": None,
+                                "status": "identical"})
                 continue
-            first, second = cache.get(judge.key(p, x["text"], y["text"])), cache.get(judge.key(p, y["text"], x["text"]))
-            outcome, consistent = _outcome(first["verdict"], second["verdict"])
+            asked = [cache.get(judge.key(p, x["text"], y["text"])) or {"finish_reason": "not_asked", "asks": 0},
+                     cache.get(judge.key(p, y["text"], x["text"])) or {"finish_reason": "not_asked", "asks": 0}]
+            verdicts = [r.get("verdict") if r.get("verdict") in ("A", "B", "tie") else None for r in asked]
+            outcome, consistent = _outcome(*verdicts)
             records.append({"i": i, "outcome": outcome, "identical": False, "consistent": consistent,
-                            "verdicts": [first["verdict"], second["verdict"]],
-                            "replies": [first["reply"], second["reply"]]})
+                            "verdicts": verdicts, "replies": [r.get("reply") for r in asked],
+                            "finish_reasons": [r.get("finish_reason") for r in asked],
+                            "asks": [r.get("asks", 1) for r in asked],
+                            "unreadable": [why_unreadable(v, r.get("reply"), r.get("finish_reason"))
+                                           for v, r in zip(verdicts, asked)],
+                            "status": "unreadable" if outcome is None else "judged"})
         results[f"{a}:{b}"] = records
     return results
+
+
+def unreadable_counts(records: List[dict]) -> dict:
+    """Unreadable replies of one comparison by position, unreadable_a_first (a's answer shown first) and
+    unreadable_b_first, and by reason (judges.why_unreadable; "unknown" for records that do not say): a
+    judge that fails more on one order, or keeps hitting max_tokens, shows in the summary."""
+    per_order, reasons = [0, 0], {}
+    for r in records:
+        if r.get("identical") or not r.get("verdicts"):
+            continue
+        why = r.get("unreadable") or [None, None]
+        for k, v in enumerate(r["verdicts"]):
+            if v is None:
+                per_order[k] += 1
+                reasons[why[k] or "unknown"] = reasons.get(why[k] or "unknown", 0) + 1
+    return {"unreadable_a_first": per_order[0], "unreadable_b_first": per_order[1],
+            "unreadable_reasons": dict(sorted(reasons.items()))}
 
 
 # -----------------------------------------------------------------------------
 # Statistics
 
 
-def bootstrap_ci(values: Sequence[float], n_boot: int = 10000, seed: int = 0, level: float = 0.95):
-    """Percentile bootstrap interval of the mean of `values` (one per prompt), resampling prompts with
-    replacement; (nan, nan) for no values."""
-    v = np.asarray(values, dtype=float)
-    if len(v) == 0:
+def bootstrap_ci(values: Sequence[float], n_boot: int = 10000, seed: int = 0, level: float = 0.95,
+                 clusters: Optional[Sequence] = None):
+    """Percentile bootstrap interval of the mean of `values` (one per prompt); (nan, nan) for no values.
+
+    With `clusters` (one label per value, e.g. the fact a prompt asks about) whole clusters are
+    resampled with replacement, so prompts that share a cause of success or failure are not
+    counted as independent evidence; without, each value is its own cluster."""
+    return runs_bootstrap_ci([(values, clusters)], n_boot, seed, level)
+
+
+def runs_bootstrap_ci(runs: Sequence[Tuple[Sequence[float], Optional[Sequence]]], n_boot: int = 10000,
+                      seed: int = 0, level: float = 0.95):
+    """Percentile bootstrap interval of the mean over runs (e.g. seeds) of each run's mean value.
+    `runs`: [(values, cluster labels or None)]. One draw of clusters serves every run, so a cluster
+    that is in every run (a fact asked in every seed) counts once, not once per run."""
+    runs = [(np.asarray(v, dtype=float), c) for v, c in runs]
+    if not all(len(v) for v, _ in runs):
         return float("nan"), float("nan")
+    labelled = [np.arange(len(v)) if c is None else np.asarray(c) for v, c in runs]
+    names, inverse = np.unique(np.concatenate(labelled), return_inverse=True)
+    k, bounds = len(names), np.cumsum([0] + [len(v) for v, _ in runs])
+    sums, counts = [], []  # per run: (K,) sum of values and number of values in each cluster
+    for r, (v, _) in enumerate(runs):
+        labels = inverse[bounds[r]:bounds[r + 1]]
+        sums.append(np.bincount(labels, weights=v, minlength=k))
+        counts.append(np.bincount(labels, minlength=k).astype(float))
     rng = np.random.default_rng(seed)
     means = np.empty(n_boot)
-    chunk = max(1, 4_000_000 // len(v))  # resamples per step, so the index array stays small
-    for s in range(0, n_boot, chunk):
-        idx = rng.integers(0, len(v), size=(min(chunk, n_boot - s), len(v)))
-        means[s:s + len(idx)] = v[idx].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    chunk = max(1, 4_000_000 // k)  # resamples per step, so the index array stays small
+    with np.errstate(invalid="ignore", divide="ignore"):  # a draw that misses a run's clusters: nan, dropped
+        for s in range(0, n_boot, chunk):
+            idx = rng.integers(0, k, size=(min(chunk, n_boot - s), k))  # (chunk, K) clusters drawn
+            per_run = [su[idx].sum(axis=1) / co[idx].sum(axis=1) for su, co in zip(sums, counts)]
+            means[s:s + len(idx)] = np.mean(per_run, axis=0)
+    lo, hi = np.nanquantile(means, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
 
 
@@ -377,22 +443,25 @@ def _mean(xs) -> Optional[float]:
 
 
 def summarize(records: List[dict], answers_a: Optional[List[dict]] = None, answers_b: Optional[List[dict]] = None,
-              n_boot: int = 10000, seed: int = 0) -> dict:
+              n_boot: int = 10000, seed: int = 0, clusters: Optional[Sequence] = None) -> dict:
     """The numbers of one comparison (a vs b) from its judge records (see judge_comparisons):
     wins / ties / losses of a over the pairs whose verdicts could be read; win rate with ties counted
-    half and its 95% bootstrap interval; consistency (share of asked pairs whose two orders agree; 1 for
+    half and its 95% bootstrap interval (resampling `clusters` of prompts, one label per prompt,
+    else prompts); consistency (share of asked pairs whose two orders agree; 1 for
     score judges); how often the chat judge picked the answer shown first; unreadable verdicts and the
     pairs they cost; pairs of identical answers; and, given the answers, both sides' mean length, EOS
     rate and (score judges) mean score."""
     judged = [r["outcome"] for r in records if r["outcome"] is not None]
     value = {"win": 1.0, "tie": 0.5, "loss": 0.0}
     n = len(judged)
-    lo, hi = bootstrap_ci([value[o] for o in judged], n_boot, seed)
+    labels = None if clusters is None else [clusters[r["i"]] for r in records if r["outcome"] is not None]
+    lo, hi = bootstrap_ci([value[o] for o in judged], n_boot, seed, clusters=labels)
     out = {
         "pairs": len(records), "judged": n,
         "wins": judged.count("win"), "ties": judged.count("tie"), "losses": judged.count("loss"),
         "win_rate": (judged.count("win") + 0.5 * judged.count("tie")) / n if n else None,
         "ci95": [lo, hi] if n else None,
+        "ci_clusters": len(set(labels)) if labels is not None else None,  # None: prompts resampled
         "unparseable_pairs": len(records) - n,
         "identical": sum(bool(r.get("identical")) for r in records),
     }
@@ -407,6 +476,7 @@ def summarize(records: List[dict], answers_a: Optional[List[dict]] = None, answe
                    unparseable_answers=sum(v is None for v in verdicts),
                    position_a_rate=_mean(v == "A" for v in decisive),
                    mean_score_a=None, mean_score_b=None)
+    out.update(unreadable_counts(records))
     for side, ans in (("a", answers_a), ("b", answers_b)):
         if ans is not None:
             out[f"tokens_{side}"] = _mean(x["tokens"] for x in ans)
@@ -449,10 +519,11 @@ def default_comparisons(names: Sequence[str]) -> List[Tuple[str, str]]:
 def evaluate(models: Dict[str, object], prompts: List[str], judges: list, comparisons=None,
              out_dir: Optional[str] = None, cache_dir: Optional[str] = None, params: GenParams = GenParams(),
              device="cpu", precision: str = "fp32", max_concurrency: int = 4, n_boot: int = 10000,
-             config: Optional[dict] = None) -> dict:
+             config: Optional[dict] = None, clusters: Optional[Sequence] = None) -> dict:
     """Generate, judge, summarise. Writes generations.jsonl, judgments.jsonl and results.json to
     `out_dir` (if given), prints the Markdown table on stdout, and returns the results dict
-    {"config", "models", "prompts", "results": [summary + judge, a, b per (judge, comparison)]}."""
+    {"config", "models", "prompts", "results": [summary + judge, a, b per (judge, comparison)]}.
+    `clusters` (one label per prompt) makes the intervals resample clusters of prompts (see bootstrap_ci)."""
     if not prompts:
         raise UserError("no prompts to evaluate on")
     comparisons = list(comparisons or default_comparisons(list(models)))
@@ -464,7 +535,7 @@ def evaluate(models: Dict[str, object], prompts: List[str], judges: list, compar
     for judge in judges:
         records = judge_comparisons(prompts, answers, comparisons, judge, cache("verdicts.jsonl"), max_concurrency)
         for a, b in comparisons:
-            summary = summarize(records[f"{a}:{b}"], answers[a], answers[b], n_boot, params.seed)
+            summary = summarize(records[f"{a}:{b}"], answers[a], answers[b], n_boot, params.seed, clusters)
             rows.append({"judge": judge.name, "a": a, "b": b, **summary})
             judgments += [{"judge": judge.name, "a": a, "b": b, **r} for r in records[f"{a}:{b}"]]
     results = {"config": config or {}, "generation": asdict(params), "models": infos,
@@ -502,7 +573,7 @@ def build_parser():
                         "one, in the order vanilla, sft, ppo, --model ...")
     g = ap.add_argument_group("prompts and sampling")
     g.add_argument("--prompts", default="fka/awesome-chatgpt-prompts",
-                   help="hub dataset, local .jsonl/.csv file, or synthetic:eval_prompts (the offline task)")
+                   help="hub dataset, local .jsonl/.csv file, or synthetic:test_prompts (the offline task)")
     g.add_argument("--split", default="train", help="split of a hub --prompts dataset")
     g.add_argument("--limit", type=int, default=None, help="use the first N prompts")
     for f, help_ in (("max_new_tokens", "response budget in tokens, capped at half the block size"),
@@ -527,6 +598,9 @@ def build_parser():
     g.add_argument("--max-concurrency", type=int, default=4, help="judge requests in flight at once")
     g.add_argument("--judge-max-tokens", type=int, default=512, help="longest judge reply")
     g.add_argument("--n-boot", type=int, default=10000, help="bootstrap resamples for the confidence interval")
+    g.add_argument("--clusters", default="auto", choices=("auto", "prompt", "fact"),
+                   help="what the interval's bootstrap resamples: prompts, or the synthetic task's facts (prompts "
+                        "about one fact are not independent evidence); auto = fact for synthetic: prompts")
     g = ap.add_argument_group("output")
     g.add_argument("-n", "--name", default="default", help="evaluation name: runs/eval_<name>_<stamp>/")
     g.add_argument("--out-dir", default=None, help="write the results here instead of runs/eval_<name>_<stamp>/")
@@ -582,6 +656,18 @@ def parse_comparisons(items: List[str], names: Sequence[str]) -> List[Tuple[str,
     return out or default_comparisons(names)
 
 
+def prompt_clusters(prompts: List[str], how: str, source: str) -> Optional[List[str]]:
+    """One label per prompt for the clustered bootstrap: the fact each asks about (--clusters fact,
+    or auto with synthetic: prompts), else None (each prompt its own cluster)."""
+    if how == "prompt" or (how == "auto" and not str(source).startswith("synthetic:")):
+        return None
+    import task
+    try:
+        return [task.parse_prompt(p)[1] for p in prompts]
+    except ValueError as e:
+        raise UserError(f"--clusters fact needs the synthetic task's prompts: {e}") from None
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     models = model_specs(args)
@@ -602,6 +688,7 @@ def main(argv=None):
         judges.setdefault(spec, make_judge(spec, args.judge_model, args.base_url, args.key_file, args.timeout,
                                            args.max_retries, args.judge_max_tokens, device, precision, args.batch_size))
     prompts = load_prompts(args.prompts, limit=args.limit, split=args.split)
+    clusters = prompt_clusters(prompts, args.clusters, args.prompts)
     out_dir = args.out_dir or make_run_dir("eval", args.name)
     os.makedirs(out_dir, exist_ok=True)
     saved_args = {**vars(args), "base_url": args.base_url and public_url(args.base_url)}
@@ -612,7 +699,7 @@ def main(argv=None):
     log(f"{len(prompts)} prompts from {args.prompts}; models: {', '.join(models)}; "
         f"comparisons: {', '.join(config['comparisons'])}; judges: {', '.join(judges)}")
     evaluate(models, prompts, list(judges.values()), comparisons, out_dir, args.cache_dir, params, device, precision,
-             args.max_concurrency, args.n_boot, config)
+             args.max_concurrency, args.n_boot, config, clusters)
     log(f"results: {os.path.join(out_dir, 'results.json')}")
     return 0
 

@@ -5,7 +5,8 @@ There are two kinds (a judge's `.kind`):
             answers and asked for a verdict: A, B or tie
   score     ScoreJudge, which scores each answer on its own; the higher score wins:
               rm:RUN_DIR          a reward model, reading prompt + response + EOS as it was trained
-              gold                the synthetic task's gold reward (task.gold_reward)
+              gold                the synthetic task's gold reward (task.gold_reward), on the answer text
+                                  and the generation's EOS flag; gold:correctness and gold:style its parts
               function:MOD:ATTR   any fn(prompt, response) -> float
 `make_judge` builds one from its --judge spec. evaluate.py shows chat judges every pair in both orders
 and caches their verdicts; train_ppo.py can use a score judge as the PPO reward.
@@ -102,10 +103,10 @@ def public_url(url) -> str:
 
 
 def _scrub(text: str, secret: Optional[str]) -> str:
-    """`text` with the API key, and anything shaped like an OpenAI key, masked."""
+    """`text` with the API key, and anything shaped like an OpenAI key, masked (not words such as "task-based")."""
     if secret:
         text = text.replace(secret, "***")
-    return re.sub(r"sk-[A-Za-z0-9_\-*.]{3,}", "sk-***", text)
+    return re.sub(r"(?<![A-Za-z0-9])sk-[A-Za-z0-9_\-*.]{3,}", "sk-***", text)
 
 
 class ChatJudge:
@@ -133,22 +134,55 @@ class ChatJudge:
 
     def ask(self, prompt: str, first: str, second: str) -> Tuple[Optional[str], str, Optional[str]]:
         """(verdict in positions: 'A' = first, 'B' = second, 'tie', or None if unreadable; the reply; why
-        the reply ended: "stop", "length" for one cut at max_tokens, ...)."""
+        the reply ended: the server's finish_reason ("stop", "length" for one cut at max_tokens, ...),
+        "refusal" for a refusal, "malformed" for a 200 response that holds no reply). A cut-off reply is
+        no verdict even if it holds a [[tag]]: the verdict belongs on the last line, which it lacks."""
+        failure = None
         try:
             response = self.client.chat.completions.create(
                 model=self.model, messages=judge_messages(prompt, first, second), temperature=0,
                 max_tokens=self.max_tokens)
         except self.openai.AuthenticationError:
-            raise UserError(f"the judge server {self.server} rejected the API key (401): check OPENAI_API_KEY "
-                            f"or the key file") from None
+            failure = (f"the judge server {self.server} rejected the API key (401): check OPENAI_API_KEY or the "
+                       f"key file")
         except self.openai.APIError as e:
             what = f"HTTP {e.status_code}" if getattr(e, "status_code", None) else type(e).__name__
             message = _scrub(" ".join(str(e).split()), self._key)[:300]
-            raise UserError(f"judge request to {self.server} failed after retries ({what}: {message}); "
-                            f"verdicts so far are cached, rerun the same command to resume") from None
-        choice = response.choices[0] if response.choices else None
-        reply = _scrub((choice.message.content or "") if choice else "", self._key)
-        return parse_verdict(reply), reply, choice.finish_reason if choice else None
+            failure = (f"judge request to {self.server} failed after retries ({what}: {message}); verdicts so "
+                       f"far are cached, rerun the same command to resume")
+        if failure:  # raised out here, so that no chained exception carries the request (and its key) along
+            raise UserError(failure)
+        reply, finish = read_reply(response)
+        reply, finish = _scrub(reply, self._key), finish if finish is None else _scrub(str(finish), self._key)
+        return (None if finish == "length" else parse_verdict(reply)), reply, finish
+
+
+def read_reply(response) -> Tuple[str, Optional[str]]:
+    """(reply text, why it ended) from whatever a server sent back with status 200, never raising: a
+    refusal is its text with "refusal"; a body without a message (no choices, not JSON) is described,
+    with "malformed"."""
+    choices = getattr(response, "choices", None)
+    message = getattr(choices[0], "message", None) if isinstance(choices, list) and choices else None
+    if message is None:
+        extra = getattr(response, "model_extra", None) or {}  # what the server sent instead of choices
+        raw = response if isinstance(response, str) else json.dumps(extra, default=str)
+        return f"(no reply in the response: {' '.join(str(raw).split())[:200]})", "malformed"
+    content, refusal = getattr(message, "content", None), getattr(message, "refusal", None)
+    if not content and refusal:
+        return str(refusal), "refusal"
+    text = content if isinstance(content, str) else json.dumps(content, default=str) if content else ""
+    return text, getattr(choices[0], "finish_reason", None)
+
+
+def why_unreadable(verdict: Optional[str], reply: Optional[str], finish: Optional[str]) -> Optional[str]:
+    """None for a readable verdict; else why the reply could not be read: its finish reason when that is
+    not "stop" ("length": cut off at max_tokens, "refusal", "content_filter", "malformed", ...), "empty",
+    or "no_verdict" (a reply that names no A, B or tie)."""
+    if verdict in ("A", "B", "tie"):
+        return None
+    if finish and finish != "stop":
+        return str(finish)
+    return "empty" if not (reply or "").strip() else "no_verdict"
 
 
 # -----------------------------------------------------------------------------
@@ -173,6 +207,20 @@ def function_judge(fn: Callable[[str, str], float], name: str) -> ScoreJudge:
         except ValueError as e:
             raise UserError(f"--judge {name}: {e}") from None
     return ScoreJudge(name, score)
+
+
+def gold_judge(spec: str = "gold") -> ScoreJudge:
+    """The synthetic task's gold reward (or one of its parts, GOLD_JUDGES) on each answer's text and
+    the generation's own EOS flag."""
+    import task
+    fn = getattr(task, GOLD_JUDGES[spec])
+
+    def score(prompts, answers):
+        try:
+            return [fn(p, a["text"], a["ended"]) for p, a in zip(prompts, answers)]
+        except ValueError as e:
+            raise UserError(f"--judge {spec}: {e}") from None
+    return ScoreJudge(spec, score)
 
 
 def rm_scores(rm, prompts: List[str], responses: List[str], device="cpu", precision="fp32",
@@ -208,7 +256,10 @@ def rm_judge(run_dir: str, device="cpu", precision="fp32", batch_size: int = 16)
 # A judge from its --judge spec
 
 
-JUDGE_FORMS = "openai, rm:RUN_DIR, gold, function:MODULE:ATTR"
+JUDGE_FORMS = "openai, rm:RUN_DIR, gold, gold:correctness, gold:style, function:MODULE:ATTR"
+# The synthetic task's true reward, and its two parts (task.py), scored on the answer text and the
+# generation's own EOS flag.
+GOLD_JUDGES = {"gold": "gold_reward", "gold:correctness": "correctness", "gold:style": "style"}
 
 
 def api_key(key_file: Optional[str] = None) -> str:
@@ -240,9 +291,8 @@ def make_judge(spec: str, judge_model: str = "gpt-4o-mini", base_url: Optional[s
         return ChatJudge(judge_model, api_key(key_file), base_url, timeout, max_retries, max_tokens)
     if spec.startswith("rm:"):
         return rm_judge(spec[3:], device, precision, batch_size)
-    if spec == "gold":
-        from task import gold_reward
-        return function_judge(gold_reward, "gold")
+    if spec in GOLD_JUDGES:
+        return gold_judge(spec)
     if spec.startswith("function:"):
         module_name, _, attr = spec[len("function:"):].partition(":")
         if os.getcwd() not in sys.path:

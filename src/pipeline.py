@@ -32,7 +32,15 @@ from checkpoints import init_model, save_model
 from cli import parser, seed_process
 from common import UserError, make_run_dir, resolve_device, run_cli, write_json_atomic
 from configs import get_preset
-from results import answer_breakdown, over_optimisation, results_table
+from judges import GOLD_JUDGES
+from results import (
+    answer_breakdown,
+    over_optimisation,
+    phrasing_results,
+    results_table,
+    seeds_summary,
+    seeds_table,
+)
 
 
 @dataclass
@@ -42,24 +50,25 @@ class Plan:
     sft: List[str] = field(default_factory=list)
     rm: List[str] = field(default_factory=list)
     ppo: List[str] = field(default_factory=list)
-    eval_limit: int = 400
+    eval_limit: Optional[int] = None  # test prompts evaluated (None: the whole test split)
     max_new_tokens: int = 32
     about: str = ""  # what the plan is for, shown by --help
 
     def summary(self) -> str:
-        """The plan's size in words, e.g. 'SFT 600 steps, RM 600, PPO 60, 400 evaluation prompts'."""
+        """The plan's size in words, e.g. 'SFT 400 steps, RM 250, PPO 15, 200 test prompts'."""
         sft, rm, ppo = (flags[flags.index("--max-steps") + 1] for flags in (self.sft, self.rm, self.ppo))
-        return f"SFT {sft} steps, RM {rm}, PPO {ppo}, {self.eval_limit} evaluation prompts"
+        prompts = "every test prompt" if self.eval_limit is None else f"{self.eval_limit} test prompts"
+        return f"SFT {sft} steps, RM {rm}, PPO {ppo}, {prompts}"
 
 
-# Tuned on the synthetic task with the tiny preset, on a CPU (see README, "The offline task").
+# Tuned on the synthetic task's dev split with the tiny preset, on a CPU (see README, "Results").
 PLANS = {
     "full": Plan(
         about="the main job",
         sft=["-b", "32", "--lr", "2e-3", "--max-steps", "600", "--warmup-steps", "30", "--eval-every", "200"],
         rm=["-b", "32", "--lr", "1e-3", "--max-steps", "600", "--warmup-steps", "30", "--eval-every", "200"],
-        ppo=["--rollout-batch-size", "64", "--minibatch-size", "16", "--ppo-epochs", "4", "--max-steps", "60",
-             "--actor-lr", "3e-4", "--critic-lr", "1e-3", "--kl-coef", "0.2", "--eval-every", "10",
+        ppo=["--rollout-batch-size", "64", "--minibatch-size", "16", "--ppo-epochs", "4", "--max-steps", "80",
+             "--actor-lr", "3e-4", "--critic-lr", "1e-3", "--kl-coef", "0.1", "--eval-every", "10",
              "--save-every", "10", "--keep-last", "100"],
     ),
     "quick": Plan(
@@ -67,7 +76,7 @@ PLANS = {
         sft=["-b", "32", "--lr", "2e-3", "--max-steps", "400", "--warmup-steps", "20", "--eval-every", "0"],
         rm=["-b", "32", "--lr", "1e-3", "--max-steps", "250", "--warmup-steps", "20", "--eval-every", "0"],
         ppo=["--rollout-batch-size", "64", "--minibatch-size", "16", "--ppo-epochs", "4", "--max-steps", "15",
-             "--actor-lr", "3e-4", "--critic-lr", "1e-3", "--kl-coef", "0.2", "--eval-every", "5",
+             "--actor-lr", "3e-4", "--critic-lr", "1e-3", "--kl-coef", "0.1", "--eval-every", "5",
              "--save-every", "0"],
         eval_limit=200,
     ),
@@ -106,6 +115,9 @@ def main(argv=None):
                          + "; ".join(f"{name} ({plan.about}: {plan.summary()})" for name, plan in PLANS.items())
                          + ". With --data the scripts' own defaults apply instead (and --*-args)")
     ap.add_argument("--seed", type=int, default=0, help="seeds data, initialisation, sampling and evaluation")
+    ap.add_argument("--seeds", default=None, metavar="S,S,...",
+                    help="run the whole pipeline once per seed (e.g. 0,1,2) into one directory, and report every "
+                         "seed, their mean and an interval over facts (runs/seeds_<name>_<stamp>/)")
     ap.add_argument("--out-dir", default="runs", help="where the run directory is made")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--data", default=None,
@@ -122,25 +134,59 @@ def main(argv=None):
 
     plan = PLANS[args.plan]
     if args.data is not None:  # real data: each script's own defaults (the plans are tuned for the tiny task)
-        plan = Plan(eval_limit=plan.eval_limit, max_new_tokens=128)
+        plan = Plan(eval_limit=400 if plan.eval_limit is None else plan.eval_limit, max_new_tokens=128)
     if args.eval_limit is not None:
         if args.eval_limit < 1:
             raise UserError("--eval-limit must be at least 1")
         plan = replace(plan, eval_limit=args.eval_limit)
     args.device = str(resolve_device(args.device))  # a name again: the stage scripts take it as a flag
-    run_dir = make_run_dir("pipeline", args.name, args.out_dir)
-    print(f"run directory: {run_dir}", flush=True)
+    if args.seeds is None:
+        run_dir = make_run_dir("pipeline", args.name, args.out_dir)
+        print(f"run directory: {run_dir}", flush=True)
+        run_pipeline(args, plan, args.seed, run_dir)
+        return
+    seeds = parse_seeds(args.seeds)
+    top = make_run_dir("seeds", args.name, args.out_dir)
+    print(f"run directory: {top} (seeds {', '.join(map(str, seeds))})", flush=True)
+    runs = {}
+    for seed in seeds:
+        print(f"\n##### seed {seed}", flush=True)
+        run_pipeline(args, plan, seed, os.path.join(top, f"seed_{seed}"))
+        runs[seed] = os.path.join(top, f"seed_{seed}")
+    summary = seeds_summary(runs)
+    write_json_atomic(os.path.join(top, "results.json"), summary)
+    table = seeds_table(summary)
+    with open(os.path.join(top, "results.md"), "w") as f:
+        f.write(table + "\n")
+    print("\n" + table)
+    print(f"\nresults: {os.path.join(top, 'results.md')}")
+
+
+def parse_seeds(text: str) -> List[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {text!r}: expected distinct comma-separated integers, e.g. 0,1,2")
+    return seeds
+
+
+def run_pipeline(args, plan: Plan, seed: int, run_dir: str) -> dict:
+    """Data, SFT, RM, PPO and evaluation of one seed into `run_dir`; returns (and writes) its results."""
+    os.makedirs(run_dir, exist_ok=True)
     timer = Timer()
-    common = ["--preset", args.preset, "--seed", str(args.seed), "--device", args.device]
+    common = ["--preset", args.preset, "--seed", str(seed), "--device", args.device]
 
     if args.data is None:
         import task
-        files = timer.stage("data", task.write_task_data, os.path.join(run_dir, "data"), args.seed)
-        sft_data = ["--data", files["sft"], "--eval-data", files["sft_test"], "--part", "all"]
-        rm_data = ["--data", files["rm_train"], "--eval-data", files["rm_test"], "--part", "all"]
-        ppo_data = ["--prompts", files["ppo_prompts"], "--eval-prompts", files["eval_prompts"], "--part", "all",
+        files = timer.stage("data", task.write_task_data, os.path.join(run_dir, "data"), seed)
+        # Training and validation read only the dev files; test files go to the final evaluation alone.
+        sft_data = ["--data", files["sft"], "--eval-data", files["sft_dev"], "--part", "all"]
+        rm_data = ["--data", files["rm_train"], "--eval-data", files["rm_dev"], "--part", "all"]
+        ppo_data = ["--prompts", files["ppo_prompts"], "--eval-prompts", files["dev_prompts"], "--part", "all",
                     "--eval-judge", "gold"]
-        eval_prompts, judges = files["eval_prompts"], ["gold"]
+        eval_prompts, judges = files["test_prompts"], list(GOLD_JUDGES)
     else:
         sft_data, rm_data, ppo_data = ["--data", args.data], ["--data", args.data], ["--prompts", args.data]
         eval_prompts, judges = args.prompts or args.data, []
@@ -149,7 +195,7 @@ def main(argv=None):
     import train_rm
     import train_sft
     stage_dirs = {s: os.path.join(run_dir, s) for s in ("sft", "rm", "ppo")}
-    base = save_initial_model(args.preset, args.seed, os.path.join(run_dir, "init"))
+    base = save_initial_model(args.preset, seed, os.path.join(run_dir, "init"))
     timer.stage("sft", train_sft.main, ["--run-dir", stage_dirs["sft"], *common, *sft_data, *plan.sft,
                                         *shlex.split(args.sft_args)])
     timer.stage("rm", train_rm.main, ["--run-dir", stage_dirs["rm"], "-p", stage_dirs["sft"], *common, *rm_data,
@@ -158,11 +204,14 @@ def main(argv=None):
                                         stage_dirs["rm"], *common, "--max-new-tokens", str(plan.max_new_tokens),
                                         *ppo_data, *plan.ppo, *shlex.split(args.ppo_args)])
     results = timer.stage("evaluation", evaluate_all, run_dir, stage_dirs, base, eval_prompts,
-                          judges + [f"rm:{stage_dirs['rm']}"] + args.judge, plan, args)
+                          judges + [f"rm:{stage_dirs['rm']}"] + args.judge, plan, args, seed)
     if args.data is None:
         results["rm_gold_accuracy"] = rm_gold_accuracy(stage_dirs["rm"], files["rm_test"], args.device)
+        results["rm_gold_accuracy_dev"] = rm_gold_accuracy(stage_dirs["rm"], files["rm_dev"], args.device)
         results["over_optimisation"] = over_optimisation(stage_dirs["ppo"], run_dir)
         results["answers"] = answer_breakdown(os.path.join(run_dir, "eval", "generations.jsonl"))
+        results["by_phrasing"] = phrasing_results(os.path.join(run_dir, "eval"), seed)
+    results["seed"] = seed
     results["seconds"] = timer.seconds
     write_json_atomic(os.path.join(run_dir, "results.json"), results)
     table = results_table(results)
@@ -170,6 +219,7 @@ def main(argv=None):
         f.write(table + "\n")
     print("\n" + table)
     print(f"\nresults: {os.path.join(run_dir, 'results.md')}")
+    return results
 
 
 def save_initial_model(preset: str, seed: int, out_dir: str) -> Optional[str]:
@@ -183,18 +233,20 @@ def save_initial_model(preset: str, seed: int, out_dir: str) -> Optional[str]:
     return out_dir
 
 
-def evaluate_all(run_dir, stage_dirs, base, prompts_source, judges, plan, args) -> dict:
-    """PPO vs SFT and SFT vs the initial model, under every judge."""
+def evaluate_all(run_dir, stage_dirs, base, prompts_source, judges, plan, args, seed) -> dict:
+    """PPO vs SFT and SFT vs the initial model, under every judge. On the synthetic task the
+    intervals resample facts: prompts about one fact are not independent evidence."""
     import evaluate
     from dataset import load_prompts
     from judges import make_judge
     prompts = load_prompts(prompts_source, limit=plan.eval_limit, split="test" if args.data else "train")
+    clusters = None if args.data else evaluate.prompt_clusters(prompts, "fact", prompts_source)
     models = {"init": base, "sft": stage_dirs["sft"], "ppo": stage_dirs["ppo"]}
-    params = evaluate.GenParams(max_new_tokens=plan.max_new_tokens, temperature=1.0, top_k=0, seed=args.seed)
+    params = evaluate.GenParams(max_new_tokens=plan.max_new_tokens, temperature=1.0, top_k=0, seed=seed)
     built = [make_judge(spec, device=args.device) for spec in judges]
     return evaluate.evaluate(models, prompts, built, comparisons=[("ppo", "sft"), ("sft", "init")],
                              out_dir=os.path.join(run_dir, "eval"), cache_dir=os.path.join(run_dir, "eval"),
-                             params=params, device=args.device)
+                             params=params, device=args.device, clusters=clusters)
 
 
 def rm_gold_accuracy(rm_dir: str, rm_test: str, device: str) -> dict:

@@ -100,25 +100,31 @@ class ScoreNormalizer:
 
     Fitted once, on the first rollout (the SFT policy's own samples), never on evaluation samples,
     then fixed: a reward scale that drifts with the policy would change the KL trade-off mid-run
-    (Ziegler et al. 2019, sec. 2.2). Disabled, it is the identity."""
+    (Ziegler et al. 2019, sec. 2.2). Disabled, it is the identity. It also keeps the lowest
+    normalised score of those samples (`floor`), below which an answer without EOS is put."""
 
     def __init__(self, enabled: bool = True):
         self.gain, self.bias, self.fitted = 1.0, 0.0, not enabled
+        self.floor: Optional[float] = None
 
     def fit(self, samples: torch.Tensor):
         if samples.numel() >= 2:
             std = samples.std().clamp(min=1e-6).item()
             self.gain, self.bias = 1.0 / std, -samples.mean().item() / std
+        if samples.numel():
+            self.floor = self(samples).min().item()
         self.fitted = True
 
     def __call__(self, raw: torch.Tensor) -> torch.Tensor:
         return raw * self.gain + self.bias
 
     def state_dict(self) -> dict:
-        return {"score_gain": self.gain, "score_bias": self.bias, "norm_fitted": self.fitted}
+        return {"score_gain": self.gain, "score_bias": self.bias, "norm_fitted": self.fitted,
+                "score_floor": self.floor}
 
     def load_state_dict(self, state: dict):
         self.gain, self.bias, self.fitted = state["score_gain"], state["score_bias"], state["norm_fitted"]
+        self.floor = state.get("score_floor")
 
 
 class AdaptiveKL:
@@ -149,14 +155,18 @@ def ended_with_eos(gen: Generation) -> torch.Tensor:
 
 
 def final_scores(raw: torch.Tensor, ended: torch.Tensor, normalizer: ScoreNormalizer, cfg: PPOConfig):
-    """What each answer is rewarded at its end: the normalised score, optionally clipped, and a
-    fixed penalty instead for an answer that never emitted EOS (so running out of budget never pays;
-    Huang et al. 2024). raw, ended: (B,) -> (B,)."""
+    """What each answer is rewarded at its end: the normalised score, optionally clipped; an answer
+    that never emitted EOS gets missing_eos_penalty less than the lowest score of any finished
+    answer (of this batch and of the normaliser's samples), so running out of budget never pays
+    more than ending, however much the RM dislikes an ending (Huang et al. 2024 penalise a missing
+    EOS; a fixed value can sit above the worst finished answers). raw, ended: (B,) -> (B,)."""
     scores = normalizer(raw)
     if cfg.reward_clip is not None:
         scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
     if cfg.missing_eos_penalty is not None:
-        scores = torch.where(ended, scores, torch.full_like(scores, cfg.missing_eos_penalty))
+        finished = [scores[ended].min().item()] if ended.any() else []
+        floor = min(finished + ([normalizer.floor] if normalizer.floor is not None else []), default=0.0)
+        scores = torch.where(ended, scores, torch.full_like(scores, floor - cfg.missing_eos_penalty))
     return scores
 
 

@@ -1,12 +1,14 @@
 """Build report.pdf, the technical report, from measured results (nothing in it is typed in by hand).
 
 Reads a pipeline run (its results.json, and the config.json of its RM and PPO stages for what the
-method section states), optionally a PPO run made with a weaker KL penalty (to show over-optimisation)
-and the latest benchmark table, and writes a few A4 pages with matplotlib.
+method section states), optionally a --seeds run (every seed's figures), a PPO run made with a weaker
+KL penalty (to show over-optimisation) and the latest benchmark table, and writes a few A4 pages with
+matplotlib.
 
-Example (after `python src/pipeline.py` and, for the ablation, the README's low-KL PPO command):
-  python src/report.py --run runs/pipeline_task_<stamp> --ablation runs/ppo_lowkl_<stamp> \\
-      --benchmarks benchmarks/results/latest.md -o report.pdf
+Example (after `python src/pipeline.py`, `python src/pipeline.py --seeds 0,1,2` and, for the ablation,
+the README's low-KL PPO command):
+  python src/report.py --run runs/pipeline_task_<stamp> --seeds runs/seeds_task_<stamp> \\
+      --ablation runs/ppo_lowkl_<stamp> --benchmarks benchmarks/results/latest.md -o report.pdf
 """
 import json
 import os
@@ -19,7 +21,15 @@ from cli import parser
 from common import UserError, read_json, run_cli
 from configs import ModelConfig
 from gpt import GPT
-from results import ANSWER_KINDS, answers_table, plot_reward_curves, ppo_curve, win_rate_table
+from results import (
+    ANSWER_KINDS,
+    answers_table,
+    judge_label,
+    plot_reward_curves,
+    ppo_curve,
+    seeds_table,
+    win_rate_table,
+)
 
 PAGE = (8.27, 11.69)  # A4, inches
 WRAP = 96  # characters per line of body text
@@ -93,19 +103,22 @@ def method_text(ppo_run: dict) -> str:
 def task_text() -> str:
     """The synthetic task in a paragraph, its numbers from src/task.py."""
     return (f"Task (src/task.py): questions about {len(task.FACTS)} facts (capitals, colours, animal sounds) in "
-            f"the HH format. Gold reward = content ({_signed('correct')} correct, {_signed('wrong')} any wrong "
-            f"entity, {_signed('no answer')} no answer) + tone (polite {_signed('polite')}, rude {_signed('rude')}) "
+            f"the HH format. Gold reward = content ({_signed('correct')} the fact stated as a plain sentence about "
+            f"the asked subject, {_signed('wrong')} any entity outside such a sentence, {_signed('no answer')} no "
+            f"answer or a qualified one) + tone (polite {_signed('polite')}, rude {_signed('rude')}) "
             f"+ length, repetition, fluency and ending penalties; best answer {task.MAX_GOLD:g}. Demonstrations "
             f"are of mixed quality ({100 * task.DEMO_MIX['good']:.0f}% best, the rest plain, rude, wrong, refusing, "
             f"rambling or repeating). Raters prefer a over b with probability sigmoid((g(a) - g(b)) / "
-            f"{task.TAU:g}). Prompts are split into disjoint sets for SFT, RM training, RM test, PPO and "
-            f"evaluation.")
+            f"{task.TAU:g}). Prompts are split into disjoint sets for SFT, RM training, RM dev and test, PPO, dev "
+            f"(validation and PPO curves) and test (the final evaluation only, part of it asked with phrasings "
+            f"no training file uses).")
 
 
 def results_page(pdf, run_dir, results, ppo_run):
     """Page 1: the question, the answer in numbers, the method, the result tables."""
-    by = {(r["a"], r["b"], r["judge"].split(":")[0]): r for r in results["results"]}
+    by = {(r["a"], r["b"], judge_label(r["judge"])): r for r in results["results"]}
     gold, rm_row = by[("ppo", "sft", "gold")], by[("ppo", "sft", "rm")]
+    parts = [by.get(("ppo", "sft", f"gold:{part}")) for part in ("correctness", "style")]
     acc = results["rm_gold_accuracy"]
     seconds = results["seconds"]
     lo, hi = gold["ci95"]
@@ -122,18 +135,25 @@ def results_page(pdf, run_dir, results, ppo_run):
            "preference is known: a deterministic gold reward defines a good answer, simulated raters label "
            "preference pairs from it with noise, and the gold reward judges the final policies.")
     p.heading("Answer", 12)
-    p.para(f"Yes, on this task. On {gold['pairs']} held-out prompts never used in training, the PPO policy's "
+    resampled = "facts" if gold.get("ci_clusters") else "prompts"
+    p.para(f"On this task, on {gold['pairs']} test prompts never used in training or tuning, the PPO policy's "
            f"answer is better than the SFT policy's under the gold reward {100 * gold['win_rate']:.1f}% of the "
-           f"time (ties count half; 95% bootstrap CI [{100 * lo:.1f}%, {100 * hi:.1f}%]); mean gold reward "
+           f"time (ties count half; 95% bootstrap CI over {resampled} [{100 * lo:.1f}%, {100 * hi:.1f}%]); "
+           f"mean gold reward "
            f"{gold['mean_score_b']:.2f} -> {gold['mean_score_a']:.2f} of a possible {task.MAX_GOLD:g}. The reward "
            f"model prefers PPO's answer {100 * rm_row['win_rate']:.1f}% of the time: the proxy overstates the "
            f"gain. The reward model orders {100 * acc['vs_gold']:.1f}% of {acc['pairs']} held-out pairs as the "
            f"noiseless gold does (its noisy training labels: {100 * acc['labels_vs_gold']:.1f}%).")
+    if all(parts):
+        correct, styled = (f"{100 * x['win_rate']:.1f}% [{100 * x['ci95'][0]:.1f}%, {100 * x['ci95'][1]:.1f}%]"
+                           for x in parts)
+        p.para(f"What the win is made of: judged on correctness alone (the gold reward's content term) PPO wins "
+               f"{correct}, on style alone (every other term: tone, length, repetition, fluency, ending) {styled}.")
     p.heading("Method", 12)
     p.para(method_text(ppo_run))
     p.para(task_text())
     p.heading("Results", 12)
-    p.para("\n".join(win_rate_table(results)), mono=True)
+    p.para("\n".join(win_rate_table(results["results"])), mono=True)
     if results.get("answers"):
         p.para(f"What the {results['prompts']['n']} evaluation answers are made of (share of answers, from the "
                f"gold reward's terms):")
@@ -174,6 +194,24 @@ def over_optimisation_page(pdf, results, rm_run, ppo_run, ablation=None):
     p.close()
 
 
+def seeds_page(pdf, seeds_dir):
+    """The PPO-vs-SFT figures of every seed of a --seeds run, their mean and its interval over facts."""
+    summary = read_json(os.path.join(seeds_dir, "results.json"), "--seeds")
+    if "per_seed" not in summary:
+        raise UserError(f"--seeds {seeds_dir}: not a pipeline.py --seeds run directory (no per-seed results)")
+    mean = summary["mean"]["gold"]
+    p = Page(pdf)
+    p.heading(f"Seeds: the whole pipeline once per seed ({', '.join(map(str, summary['seeds']))})", 12)
+    p.para(f"Each seed draws its own data, initialisation, sampling and evaluation prompts. Mean PPO-vs-SFT gold "
+           f"win-rate {100 * mean['win_rate']:.1f}%, 95% interval [{100 * mean['ci95'][0]:.1f}%, "
+           f"{100 * mean['ci95'][1]:.1f}%] from a bootstrap that draws the {len(task.FACTS)} facts once for all "
+           f"seeds (prompts about one fact are not independent evidence); each seed's own interval also "
+           f"resamples facts. Correctness only and style only are the gold reward's content term and the "
+           f"sum of its other terms.")
+    p.para("\n".join(seeds_table(summary).splitlines()[2:]), mono=True, size=5.5)
+    p.close()
+
+
 def benchmarks_page(pdf, benchmarks):
     """Page 3: the benchmark table as it is, wrapped to the page."""
     with open(benchmarks) as f:
@@ -186,7 +224,7 @@ def benchmarks_page(pdf, benchmarks):
     p.close()
 
 
-def build(run_dir, out, ablation=None, benchmarks=None):
+def build(run_dir, out, ablation=None, benchmarks=None, seeds=None):
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib.backends.backend_pdf import PdfPages
@@ -195,6 +233,8 @@ def build(run_dir, out, ablation=None, benchmarks=None):
     with PdfPages(out) as pdf:
         results_page(pdf, run_dir, results, ppo_run)
         over_optimisation_page(pdf, results, rm_run, ppo_run, ablation)
+        if seeds:
+            seeds_page(pdf, seeds)
         if benchmarks:
             benchmarks_page(pdf, benchmarks)
     print(f"wrote {out}")
@@ -205,12 +245,13 @@ def main(argv=None):
     ap.add_argument("--run", required=True, help="a finished pipeline run directory (results.json)")
     ap.add_argument("--ablation", default=None, help="a train_ppo.py run with a weaker KL penalty (optional)")
     ap.add_argument("--benchmarks", default=None, help="benchmarks/results/latest.md (optional)")
+    ap.add_argument("--seeds", default=None, help="a pipeline.py --seeds run directory (optional)")
     ap.add_argument("-o", "--out", default="report.pdf")
     args = ap.parse_args(argv)
-    for flag, path in (("--benchmarks", args.benchmarks), ("--ablation", args.ablation)):
+    for flag, path in (("--benchmarks", args.benchmarks), ("--ablation", args.ablation), ("--seeds", args.seeds)):
         if path and not os.path.exists(path):
             raise UserError(f"{flag} {path}: not found")
-    build(args.run, args.out, args.ablation, args.benchmarks)
+    build(args.run, args.out, args.ablation, args.benchmarks, args.seeds)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ answers (eval/generations.jsonl) and its PPO metrics (ppo/metrics.jsonl).
 """
 import json
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import task
 from common import UserError
@@ -29,6 +29,107 @@ def answer_breakdown(generations: str) -> Dict[str, dict]:
         out[name] = {kind: sum(t[term] < 0 if value == "<0" else t[term] == value for t in terms) / len(terms)
                      for kind, (term, value) in ANSWER_KINDS.items()}
     return out
+
+
+def _read_jsonl(path: str) -> List[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def phrasing_results(eval_dir: str, seed: int = 0, n_boot: int = 10000) -> List[dict]:
+    """Every comparison under every judge again, on the test prompts asked with a phrasing the
+    training files use ("seen") and on those asked with one they never use ("unseen"), from the
+    evaluation's judgments.jsonl and generations.jsonl (intervals resample facts)."""
+    from evaluate import summarize
+    gens = _read_jsonl(os.path.join(eval_dir, "generations.jsonl"))
+    judgments = _read_jsonl(os.path.join(eval_dir, "judgments.jsonl"))
+    facts = [task.parse_prompt(g["prompt"])[1] for g in gens]
+    kind = [task.phrasing(g["prompt"]) for g in gens]
+    groups: Dict[tuple, List[dict]] = {}
+    for r in judgments:
+        groups.setdefault((r["judge"], r["a"], r["b"]), []).append(r)
+    out = []
+    for (judge, a, b), records in groups.items():
+        for phrasing in ("seen", "unseen"):
+            part = [r for r in records if kind[r["i"]] == phrasing]
+            if part:
+                answers = [[gens[r["i"]]["answers"][m] for r in part] for m in (a, b)]
+                out.append({"judge": judge, "a": a, "b": b, "phrasing": phrasing,
+                            **summarize(part, answers[0], answers[1], n_boot, seed, facts)})
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Several seeds
+
+
+HEADLINE = [("gold", "win-rate"), ("gold:correctness", "correctness only"), ("gold:style", "style only")]
+
+
+def _row(results: dict, judge: str, a: str = "ppo", b: str = "sft", phrasing: Optional[str] = None) -> dict:
+    rows = results.get("by_phrasing", []) if phrasing else results["results"]
+    for r in rows:
+        if r["judge"] == judge and r["a"] == a and r["b"] == b and r.get("phrasing") == phrasing:
+            return r
+    raise UserError(f"no {a} vs {b} result under judge {judge!r}" + (f" ({phrasing})" if phrasing else ""))
+
+
+def seeds_summary(runs: Dict[int, str], n_boot: int = 10000) -> dict:
+    """PPO vs SFT over several pipeline runs (one per seed, `runs`: seed -> run directory): each
+    seed's gold, correctness-only and style-only win-rates with their intervals, the seen / unseen
+    phrasing split and the RM's accuracy; their mean over seeds; and a 95% interval of that mean
+    that resamples facts, one draw for all seeds (the facts are the same in every seed, the prompts
+    are not)."""
+    from evaluate import runs_bootstrap_ci
+    value = {"win": 1.0, "tie": 0.5, "loss": 0.0}
+    per_seed, samples = {}, {judge: [] for judge, _ in HEADLINE}
+    for seed, run_dir in runs.items():
+        with open(os.path.join(run_dir, "results.json")) as f:
+            results = json.load(f)
+        gens = _read_jsonl(os.path.join(run_dir, "eval", "generations.jsonl"))
+        facts = [task.parse_prompt(g["prompt"])[1] for g in gens]
+        for r in _read_jsonl(os.path.join(run_dir, "eval", "judgments.jsonl")):
+            if (r["a"], r["b"]) == ("ppo", "sft") and r["judge"] in samples and r["outcome"] is not None:
+                samples[r["judge"]].append((seed, value[r["outcome"]], facts[r["i"]]))
+        acc = results["rm_gold_accuracy"]
+        per_seed[seed] = {
+            **{judge: {k: _row(results, judge)[k] for k in ("win_rate", "ci95", "mean_score_a", "mean_score_b")}
+               for judge, _ in HEADLINE},
+            **{f"gold_{p}": {k: _row(results, "gold", phrasing=p)[k] for k in ("win_rate", "ci95", "pairs")}
+               for p in ("seen", "unseen")},
+            "rm_vs_gold": acc["vs_gold"], "rm_content_pairs": acc["vs_gold_content_pairs"],
+            "rm_style_pairs": acc["vs_gold_style_pairs"], "run_dir": run_dir,
+            "seconds": sum(results["seconds"].values())}
+    mean = {}
+    for judge, _ in HEADLINE:
+        rates = [s[judge]["win_rate"] for s in per_seed.values()]
+        runs_ = [([v for s, v, _ in samples[judge] if s == seed], [c for s, _, c in samples[judge] if s == seed])
+                 for seed in runs]
+        mean[judge] = {"win_rate": sum(rates) / len(rates), "ci95": list(runs_bootstrap_ci(runs_, n_boot)),
+                       "min_lower": min(s[judge]["ci95"][0] for s in per_seed.values())}
+    for key in ("rm_vs_gold", "rm_content_pairs", "rm_style_pairs"):
+        mean[key] = sum(s[key] for s in per_seed.values()) / len(per_seed)
+    for p in ("seen", "unseen"):
+        mean[f"gold_{p}"] = {"win_rate": sum(s[f"gold_{p}"]["win_rate"] for s in per_seed.values()) / len(per_seed)}
+    return {"seeds": list(runs), "per_seed": {str(k): v for k, v in per_seed.items()}, "mean": mean}
+
+
+def seeds_table(summary: dict) -> str:
+    """A seeds summary (seeds_summary) as Markdown: one row per seed, then the mean."""
+    head = ["| seed | PPO vs SFT, gold | correctness only | style only | seen phrasing | unseen phrasing | "
+            "RM vs gold: all / correctness / style pairs |", "|---|---|---|---|---|---|---|"]
+
+    def cell(x):
+        ci = x.get("ci95")
+        return _pct(x["win_rate"]) + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "")
+
+    out = ["## PPO vs SFT over seeds (test split; ties count half; intervals resample facts)", "", *head]
+    rows = list(summary["per_seed"].items()) + [("mean", summary["mean"])]
+    for seed, s in rows:
+        out.append(f"| {seed} | " + " | ".join(cell(s[j]) for j, _ in HEADLINE) + " | "
+                   + " | ".join(cell(s[f"gold_{p}"]) for p in ("seen", "unseen"))
+                   + f" | {_pct(s['rm_vs_gold'])} / {_pct(s['rm_content_pairs'])} / {_pct(s['rm_style_pairs'])} |")
+    return "\n".join(out)
 
 
 # -----------------------------------------------------------------------------
@@ -97,16 +198,31 @@ def _num(x):
     return "–" if x is None else f"{x:.3f}"
 
 
-def win_rate_table(results: dict) -> List[str]:
-    """One Markdown row per (comparison, judge)."""
-    out = ["| comparison | judge | wins | ties | losses | win-rate (ties half) | 95% CI | mean score a / b |",
-           "|---|---|---|---|---|---|---|---|"]
-    for r in results.get("results", []):
+def judge_label(name: str) -> str:
+    """A judge's name for a table: "rm" for an rm:RUN_DIR judge, else the name."""
+    return "rm" if name.startswith("rm:") else name
+
+
+def win_rate_table(rows: List[dict], phrasing: bool = False) -> List[str]:
+    """One Markdown row per (comparison, judge[, phrasing])."""
+    out = ["| comparison | judge |" + (" phrasing |" if phrasing else "")
+           + " wins | ties | losses | win-rate (ties half) | 95% CI | mean score a / b |",
+           "|---|---|" + ("---|" if phrasing else "") + "---|---|---|---|---|---|"]
+    for r in rows:
         ci = r["ci95"] or [None, None]
-        out.append(f"| {r['a']} vs {r['b']} | {r['judge'].split(':')[0]} | {r['wins']} | {r['ties']} | "
-                   f"{r['losses']} | {_pct(r['win_rate'])} | [{_pct(ci[0])}, {_pct(ci[1])}] | "
-                   f"{_num(r['mean_score_a'])} / {_num(r['mean_score_b'])} |")
+        out.append(f"| {r['a']} vs {r['b']} | {judge_label(r['judge'])} | "
+                   + (f"{r['phrasing']} ({r['pairs']}) | " if phrasing else "")
+                   + f"{r['wins']} | {r['ties']} | {r['losses']} | {_pct(r['win_rate'])} | "
+                   f"[{_pct(ci[0])}, {_pct(ci[1])}] | {_num(r['mean_score_a'])} / {_num(r['mean_score_b'])} |")
     return out
+
+
+def rm_accuracy_line(acc: dict, split: str) -> str:
+    return (f"Reward model on {acc['pairs']} {split} pairs: agrees with the noiseless gold preference "
+            f"{_pct(acc['vs_gold'])}, with the noisy labels {_pct(acc['vs_noisy_labels'])} (the labels themselves "
+            f"agree with gold {_pct(acc['labels_vs_gold'])}); on the {acc['content_pairs']} pairs that differ in "
+            f"correctness {_pct(acc['vs_gold_content_pairs'])}, on those that differ only in style "
+            f"{_pct(acc['vs_gold_style_pairs'])}.")
 
 
 def answers_table(results: dict) -> List[str]:
@@ -118,16 +234,23 @@ def answers_table(results: dict) -> List[str]:
 
 
 def results_table(results: dict) -> str:
-    """The run's results as Markdown: win-rates per judge, RM accuracy, what the answers are made of,
-    over-optimisation, wall times."""
-    out = ["## Results", "", *win_rate_table(results)]
+    """The run's results as Markdown: win-rates per judge (whole test split, then by phrasing), RM
+    accuracy, what the answers are made of, over-optimisation, wall times."""
+    rows = results.get("results", [])
+    clustered = any(r.get("ci_clusters") for r in rows)
+    out = ["## Results", "", *win_rate_table(rows), "",
+           "Ties count half; the 95% CI is a bootstrap over "
+           + (f"facts ({max(r['ci_clusters'] or 0 for r in rows)} clusters of prompts)." if clustered
+              else "prompts.")
+           + (" gold:correctness and gold:style are the gold reward's content term and the sum of its other "
+              "terms." if any(r["judge"] == "gold:style" for r in rows) else "")]
+    if results.get("by_phrasing"):
+        out += ["", "By phrasing of the question (seen: a template the training files use; unseen: one they "
+                    "never use):", "", *win_rate_table(results["by_phrasing"], phrasing=True)]
     if "rm_gold_accuracy" in results:
-        acc = results["rm_gold_accuracy"]
-        out += ["", f"Reward model on {acc['pairs']} held-out pairs: agrees with the noiseless gold preference "
-                    f"{_pct(acc['vs_gold'])}, with the noisy labels {_pct(acc['vs_noisy_labels'])} "
-                    f"(the labels themselves agree with gold {_pct(acc['labels_vs_gold'])}); on the "
-                    f"{acc['content_pairs']} pairs that differ in correctness {_pct(acc['vs_gold_content_pairs'])}, "
-                    f"on those that differ only in style {_pct(acc['vs_gold_style_pairs'])}."]
+        out += ["", rm_accuracy_line(results["rm_gold_accuracy"], "held-out test")]
+    if "rm_gold_accuracy_dev" in results:
+        out += ["", rm_accuracy_line(results["rm_gold_accuracy_dev"], "dev")]
     if results.get("answers"):
         out += ["", *answers_table(results)]
     if results.get("over_optimisation"):

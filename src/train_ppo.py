@@ -9,7 +9,7 @@ updates. Every step logs reward, KL, clip fraction, entropy, value loss and timi
 Examples:
   # offline, on a fresh clone, after the train_sft.py and train_rm.py examples (tiny preset)
   python src/train_ppo.py -n demo -a runs/sft_demo_<stamp> -c runs/rm_demo_<stamp> --preset tiny/lora \\
-      --prompts synthetic:ppo_prompts --eval-prompts synthetic:eval_prompts --part all \\
+      --prompts synthetic:ppo_prompts --eval-prompts synthetic:dev_prompts --part all \\
       --rollout-batch-size 32 --minibatch-size 8 --max-new-tokens 32 --max-steps 20
 
   # GPT-2 medium with LoRA on the "ppo" share of HH-RLHF prompts

@@ -8,7 +8,7 @@ ties count half) and mean margin are logged every --eval-every.
 Examples:
   # offline, on a fresh clone: start from an SFT run of the tiny preset (see train_sft.py --help)
   python src/train_rm.py -n demo --preset tiny -p runs/sft_demo_<stamp> --data synthetic:rm_train \\
-      --eval-data synthetic:rm_test --part all -b 16 --max-steps 100 --lr 1e-3
+      --eval-data synthetic:rm_dev --part all -b 16 --max-steps 100 --lr 1e-3
 
   # GPT-2 medium with LoRA from an SFT run, on the "rm" share of HH-RLHF
   python src/train_rm.py -n hh -b 8 --preset gpt2-medium/lora -p runs/sft_hh_<stamp>

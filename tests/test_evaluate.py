@@ -7,6 +7,7 @@ request per (pair, order). Models are tiny random GPT-2s saved as checkpoints in
 """
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -28,6 +29,7 @@ from evaluate import (
     _outcome,
     answer_from_tokens,
     bootstrap_ci,
+    runs_bootstrap_ci,
     generate_answers,
     judge_comparisons,
     main,
@@ -233,6 +235,37 @@ def test_bootstrap_interval_contains_the_estimate_and_shrinks_with_n():
     assert widths[0] > 2.5 * widths[1] > 2.5 * 2.5 * widths[2]  # ~ 1/sqrt(n)
     assert bootstrap_ci([1.0] * 5) == (1.0, 1.0)
     assert bootstrap_ci([0.0, 1.0] * 20, seed=3) == bootstrap_ci([0.0, 1.0] * 20, seed=3)  # seeded
+
+
+def test_clustered_bootstrap_resamples_whole_clusters():
+    """With every cluster the same size and constant inside, resampling clusters is resampling their
+    values: the interval equals the plain bootstrap of one value per cluster (same draws), and is
+    far wider than treating the 480 copies as independent prompts."""
+    rng = random.Random(0)
+    per_cluster = [float(rng.random() < 0.7) for _ in range(24)]
+    values = [v for v in per_cluster for _ in range(20)]
+    labels = [f"fact{k}" for k in range(24) for _ in range(20)]
+    clustered = bootstrap_ci(values, n_boot=4000, seed=1, clusters=labels)
+    assert clustered == bootstrap_ci(per_cluster, n_boot=4000, seed=1)
+    lo, hi = bootstrap_ci(values, n_boot=4000, seed=1)
+    assert clustered[1] - clustered[0] > 3 * (hi - lo)
+    # each value its own cluster: the plain bootstrap
+    own = bootstrap_ci(values[:50], seed=2, clusters=list(range(50)))
+    assert own == pytest.approx(bootstrap_ci(values[:50], seed=2))
+
+
+def test_interval_over_seeds_draws_the_facts_once_for_all_seeds():
+    """Two seeds that agree fact by fact give the one-seed interval (a fact counts once, not once per
+    seed); the mean of two seeds that differ lies between theirs."""
+    rng = random.Random(1)
+    labels = [k for k in range(24) for _ in range(10)]
+    a = [float(rng.random() < 0.8) for _ in labels]
+    b = [float(rng.random() < 0.5) for _ in labels]
+    one = runs_bootstrap_ci([(a, labels)], n_boot=3000, seed=0)
+    assert runs_bootstrap_ci([(a, labels), (a, labels)], n_boot=3000, seed=0) == pytest.approx(one)
+    lo, hi = runs_bootstrap_ci([(a, labels), (b, labels)], n_boot=3000, seed=0)
+    assert lo < (sum(a) + sum(b)) / (2 * len(a)) < hi
+    assert runs_bootstrap_ci([(b, labels)], n_boot=3000, seed=0)[1] < hi < one[1]
 
 
 def test_consistency_rate():
@@ -476,8 +509,16 @@ def test_function_judges(task_prompts, tmp_path, monkeypatch):
     assert gold["scores"] == [task.gold_reward(task_prompts[0], good["text"], ended=True),
                               task.gold_reward(task_prompts[0], cut["text"], ended=False)]
     assert gold["outcome"] == "win"  # the cut-off answer pays for its missing EOS
-    same = judge_comparisons(task_prompts[:1], answers, [("good", "cut")], make_judge("function:task:gold_reward"))
-    assert same["good:cut"][0]["scores"] == gold["scores"]
+    # the gold judges read the generation's EOS flag: an "<|endoftext|>" typed out as text ends nothing
+    typed = answer(good["text"] + ENDOFTEXT, ended=False)
+    scores = judge_comparisons(task_prompts[:1], {"good": [good], "typed": [typed]}, [("good", "typed")],
+                               make_judge("gold"))["good:typed"][0]["scores"]
+    assert scores == [gold["scores"][0], task.gold_reward(task_prompts[0], typed["text"], ended=False)]
+    assert scores[1] < scores[0]
+    parts = [judge_comparisons(task_prompts[:1], answers, [("good", "cut")], make_judge(f"gold:{part}"))
+             ["good:cut"][0]["scores"] for part in ("correctness", "style")]
+    assert [c + s for c, s in zip(*parts)] == gold["scores"]
+    assert parts[0] == [task.gold_breakdown(task_prompts[0], x["text"], x["ended"])["content"] for x in (good, cut)]
 
     (tmp_path / "my_judge.py").write_text("seen = []\ndef score(prompt, response):\n"
                                           "    seen.append(response)\n    return -len(response)\n")
@@ -515,12 +556,16 @@ def test_offline_cli_end_to_end_and_another_judge_reuses_the_answers(ckpts, tmp_
         assert j["scores"] == pytest.approx(expected, abs=1e-5)
     assert results["models"]["ppo"]["generated"] == 6
 
-    r = cli(*common, "--judge", "function:task:gold_reward", "--out-dir", tmp_path / "e2")
+    r = cli(*common, "--judge", "gold:correctness", "--clusters", "fact", "--out-dir", tmp_path / "e2")
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("0 answers generated, 6 cached") == 2
     again = json.loads((tmp_path / "e2" / "results.json").read_text())["results"][0]
-    assert {k: again[k] for k in ("wins", "ties", "losses")} == \
-        {k: results["results"][0][k] for k in ("wins", "ties", "losses")}
+    content = [[task.correctness(g["prompt"], g["answers"][m]["text"], g["answers"][m]["ended"])
+                for m in ("ppo", "sft")] for g in generations]
+    assert (again["wins"], again["ties"], again["losses"]) == \
+        (sum(a > b for a, b in content), sum(a == b for a, b in content), sum(a < b for a, b in content))
+    assert again["ci_clusters"] == len({task.parse_prompt(g["prompt"]) for g in generations})
+    assert results["results"][0]["ci_clusters"] is None  # a prompts file: each prompt its own cluster
 
 
 @pytest.mark.parametrize("args, message", [

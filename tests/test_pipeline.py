@@ -10,18 +10,20 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_pipeline(out_dir, *args, timeout=600):
+def run_pipeline(out_dir, *args, timeout=600, kind="pipeline"):
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     r = subprocess.run([sys.executable, os.path.join(ROOT, "src", "pipeline.py"), "--out-dir", str(out_dir),
                         "--device", "cpu", *args], capture_output=True, text=True, timeout=timeout, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    (run_dir,) = [os.path.join(out_dir, d) for d in os.listdir(out_dir) if d.startswith("pipeline_")]
+    (run_dir,) = [os.path.join(out_dir, d) for d in os.listdir(out_dir) if d.startswith(kind + "_")]
     with open(os.path.join(run_dir, "results.json")) as f:
         return run_dir, json.load(f), r.stdout
 
 
-def row(results, a, b, judge):
-    (r,) = [r for r in results["results"] if (r["a"], r["b"]) == (a, b) and r["judge"].split(":")[0] == judge]
+def row(results, a, b, judge, phrasing=None):
+    rows = results["by_phrasing"] if phrasing else results["results"]
+    (r,) = [r for r in rows if (r["a"], r["b"]) == (a, b) and r.get("phrasing") == phrasing
+            and (r["judge"] == judge or judge == "rm" and r["judge"].startswith("rm:"))]
     return r
 
 
@@ -57,17 +59,60 @@ def test_quick_pipeline_writes_its_report(quick):
         assert os.path.isfile(os.path.join(run_dir, stage, "final", "model.safetensors"))
 
 
-def test_same_seed_same_numbers(tmp_path):
-    """Bit-for-bit on CPU: data, initialisation, sampling and evaluation all follow --seed."""
-    runs = [run_pipeline(tmp_path / name, "--plan", "smoke", "--seed", seed)
-            for name, seed in (("a", "3"), ("b", "3"), ("c", "4"))]
+def test_quick_pipeline_trains_on_dev_and_tests_on_test(quick):
+    """Nothing a training stage reads is a test file; the final evaluation asks the test prompts,
+    both phrasings, and reports them apart; the gold reward's two parts add up to it."""
+    run_dir, results, _ = quick
+    import task
+    test_files = [os.path.join(run_dir, "data", name + ".jsonl")
+                  for name in set(task.SPLITS) - set(task.TRAINING_FILES)]
+    for stage in ("sft", "rm", "ppo"):
+        config = open(os.path.join(run_dir, stage, "config.json")).read()
+        assert not any(path in config for path in test_files), stage
+        assert os.path.join(run_dir, "data", "dev_prompts.jsonl" if stage == "ppo" else f"{stage}_dev.jsonl") in config
+    with open(os.path.join(run_dir, "data", "test_prompts.jsonl")) as f:
+        test = [json.loads(line)["prompt"] for line in f][:200]
+    with open(os.path.join(run_dir, "eval", "generations.jsonl")) as f:
+        assert [json.loads(line)["prompt"] for line in f] == test
+    seen, unseen = row(results, "ppo", "sft", "gold", "seen"), row(results, "ppo", "sft", "gold", "unseen")
+    assert seen["pairs"] + unseen["pairs"] == 200 and min(seen["pairs"], unseen["pairs"]) > 40
+    for a, b in (("ppo", "sft"), ("sft", "init")):
+        gold, parts = row(results, a, b, "gold"), [row(results, a, b, f"gold:{p}") for p in ("correctness", "style")]
+        for side in ("mean_score_a", "mean_score_b"):
+            assert gold[side] == pytest.approx(parts[0][side] + parts[1][side])
+        assert gold["ci_clusters"] == 24  # the interval resamples facts
 
-    def strip(run):  # the numbers, without wall times and the run's own path
-        run_dir, results, _ = run
+
+def test_same_seed_same_numbers_and_the_seeds_summary(tmp_path):
+    """Bit-for-bit on CPU: data, initialisation, sampling and evaluation all follow the seed, whether
+    it is given as --seed or as one of --seeds; the seeds summary reports each seed's own run."""
+    one = run_pipeline(tmp_path / "one", "--plan", "smoke", "--seed", "3")
+    top, summary, stdout = run_pipeline(tmp_path / "many", "--plan", "smoke", "--seeds", "3,4", kind="seeds")
+
+    def strip(run_dir):  # the numbers, without wall times and the run's own path
+        with open(os.path.join(run_dir, "results.json")) as f:
+            results = json.load(f)
         return json.dumps({k: v for k, v in results.items() if k != "seconds"}).replace(run_dir, "RUN")
-    a, b, c = runs
-    assert strip(a) == strip(b)
-    assert strip(a) != strip(c)
+    seed3, seed4 = os.path.join(top, "seed_3"), os.path.join(top, "seed_4")
+    assert strip(one[0]) == strip(seed3)
+    assert strip(seed3) != strip(seed4)
+    assert summary["seeds"] == [3, 4] and set(summary["per_seed"]) == {"3", "4"}
+    for seed, run_dir in (("3", seed3), ("4", seed4)):
+        with open(os.path.join(run_dir, "results.json")) as f:
+            results = json.load(f)
+        for judge in ("gold", "gold:correctness", "gold:style"):
+            assert summary["per_seed"][seed][judge]["win_rate"] == row(results, "ppo", "sft", judge)["win_rate"]
+        assert summary["per_seed"][seed]["gold_unseen"]["win_rate"] == \
+            row(results, "ppo", "sft", "gold", "unseen")["win_rate"]
+    for judge in ("gold", "gold:correctness", "gold:style"):
+        rates = [summary["per_seed"][s][judge]["win_rate"] for s in ("3", "4")]
+        mean = summary["mean"][judge]
+        assert mean["win_rate"] == pytest.approx(sum(rates) / 2)
+        assert mean["ci95"][0] <= mean["win_rate"] <= mean["ci95"][1]
+    assert "| mean |" in stdout and open(os.path.join(top, "results.md")).read() in stdout
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "src", "pipeline.py"), "--seeds", "0,x"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--seeds" in r.stderr
 
 
 def test_bad_input_is_one_line_exit_2(tmp_path):
@@ -75,6 +120,17 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
                         "--data", str(tmp_path / "missing.jsonl")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "missing.jsonl" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sft", "/no/such/run"], "--sft /no/such/run: not a run directory"),
+    (["--sft", ".", "--recipes", "magic"], "unknown recipe 'magic'"),
+])
+def test_rm_study_refuses_bad_input(args, message, tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "src", "study_rm.py"), "--out-dir", str(tmp_path), *args],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and message in r.stderr
 
 
 def test_report_is_built_from_the_run(quick, tmp_path):

@@ -251,9 +251,32 @@ def test_score_normalizer_fits_once_and_resumes():
 
 
 def test_missing_eos_penalty_and_clip():
-    cfg = PPOConfig(missing_eos_penalty=-3.0, reward_clip=1.5)
+    cfg = PPOConfig(missing_eos_penalty=3.0, reward_clip=1.5)
     norm = ScoreNormalizer()
-    norm.fit(torch.tensor([0.0, 2.0]))  # gain 1/sqrt(2), bias -1/sqrt(2)
+    norm.fit(torch.tensor([0.0, 2.0]))  # gain 1/sqrt(2), bias -1/sqrt(2); lowest fitted score -1/sqrt(2)
+    assert norm.floor == pytest.approx(-1 / 2 ** 0.5)
     raw, ended = torch.tensor([0.0, 10.0, 10.0]), torch.tensor([True, True, False])
     got = final_scores(raw, ended, norm, cfg)
-    assert got.tolist() == pytest.approx([-1 / 2 ** 0.5, 1.5, -3.0])
+    assert got.tolist() == pytest.approx([-1 / 2 ** 0.5, 1.5, -1 / 2 ** 0.5 - 3.0])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_never_ending_never_pays_more_than_the_worst_ending(seed):
+    """Whatever the RM gives finished answers, in this batch or in the normaliser's samples, an answer
+    without EOS is rewarded `missing_eos_penalty` below the worst of them (a fixed penalty in
+    normalised units would sit above an answer the RM hates more than the SFT samples)."""
+    g = torch.Generator().manual_seed(seed)
+    norm = ScoreNormalizer()
+    norm.fit(torch.randn(64, generator=g))
+    raw = torch.randn(32, generator=g) * 5 - 3  # many far below anything the normaliser saw
+    ended = torch.rand(32, generator=g) < 0.7
+    for cfg in (PPOConfig(), PPOConfig(reward_clip=1.0), PPOConfig(missing_eos_penalty=0.0)):
+        got = final_scores(raw, ended, norm, cfg)
+        worst = min(got[ended].min().item(), norm.floor)
+        assert torch.all(got[~ended] == worst - cfg.missing_eos_penalty)
+        assert torch.all(got[~ended] <= got[ended].min())
+    off = final_scores(raw, ended, norm, PPOConfig(missing_eos_penalty=None))
+    assert torch.equal(off, norm(raw))  # off: every answer scored as it is
+    state = ScoreNormalizer()
+    state.load_state_dict(norm.state_dict())
+    assert state.floor == norm.floor  # resumes with its floor

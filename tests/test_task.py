@@ -13,7 +13,8 @@ from tokenizer import format_prompt
 from task import MAX_GOLD, gold_reward, parse_prompt
 from tokenizer import ENDOFTEXT
 
-SIZES = dict(n_sft=3000, n_rm_train=1500, n_rm_test=300, n_ppo=300, n_eval=300, n_sft_test=400)
+SIZES = dict(n_sft=3000, n_sft_dev=400, n_rm_train=1500, n_rm_dev=200, n_rm_test=300, n_ppo=300, n_dev=240,
+             n_test=300, n_test_unseen=240)
 FRANCE = format_prompt("Hi! Quick question. What is the capital of France?")
 COW = format_prompt("What sound does a cow make?")
 
@@ -41,15 +42,19 @@ def g(response, prompt=FRANCE, ended=True):
 
 
 def test_world_is_as_documented():
-    """The counts task.py's docstring states: 24 facts in three relations, 4 phrasings of each,
-    8 x 4 follow-ups, 3072 distinct prompts; every name one word, all but the sounds one token."""
+    """The counts task.py's docstring states: 24 facts in three relations, 4 phrasings of each (and
+    2 unseen ones), 8 x 4 follow-ups, 3072 distinct prompts; every name one word, all but the sounds
+    one token."""
     from tokenizer import get_tokenizer
     tok = get_tokenizer()
     assert len(task.RELATIONS) == 3 and len(task.FACTS) == 24
-    assert all(len(spec["questions"]) == 4 for spec in task.RELATIONS.values())
+    assert all(len(spec["questions"]) == 4 and len(spec["unseen_questions"]) == 2 for spec in task.RELATIONS.values())
     assert len(task.FOLLOWUPS) * len(task.THANKS) == 8 * 4
     prompts = [p for ps in task.all_prompts().values() for p in ps]
     assert len(prompts) == len(set(prompts)) == 24 * 4 * 32 == 3072
+    unseen = [p for ps in task.all_prompts(unseen=True).values() for p in ps]
+    assert len(set(unseen)) == 24 * 2 * 32 and not set(unseen) & set(prompts)
+    assert {task.phrasing(p) for p in prompts} == {"seen"} and {task.phrasing(p) for p in unseen} == {"unseen"}
     for rel, s, a in task.FACTS:
         for name in (s, a):
             assert task._words(name) == [name.lower()], name
@@ -61,24 +66,30 @@ def test_world_is_as_documented():
 
 
 def test_files_schemas_and_sizes(files, rows):
-    assert set(files) == set(task.SPLITS) == {"sft", "sft_test", "rm_train", "rm_test", "ppo_prompts",
-                                              "eval_prompts"}
-    assert len(rows["sft_test"]) == SIZES["n_sft_test"]
-    assert len(rows["sft"]) == SIZES["n_sft"] and len(rows["rm_train"]) == SIZES["n_rm_train"]
+    assert set(files) == set(task.SPLITS) == {"sft", "sft_dev", "rm_train", "rm_dev", "rm_test", "ppo_prompts",
+                                              "dev_prompts", "test_prompts"}
+    assert len(rows["sft"]) == SIZES["n_sft"] and len(rows["sft_dev"]) == SIZES["n_sft_dev"]
+    assert len(rows["rm_train"]) == SIZES["n_rm_train"] and len(rows["rm_dev"]) == SIZES["n_rm_dev"]
     assert len(rows["rm_test"]) == SIZES["n_rm_test"]
-    assert len(rows["ppo_prompts"]) == SIZES["n_ppo"] and len(rows["eval_prompts"]) == SIZES["n_eval"]
-    for r in rows["sft"] + rows["sft_test"]:
+    assert len(rows["ppo_prompts"]) == SIZES["n_ppo"] and len(rows["dev_prompts"]) == SIZES["n_dev"]
+    assert len(rows["test_prompts"]) == SIZES["n_test"] + SIZES["n_test_unseen"]
+    for r in rows["sft"] + rows["sft_dev"]:
         assert r["prompt"].startswith("\n\nHuman: ") and r["prompt"].endswith("\n\nAssistant:")
         assert r["response"].startswith(" ") and ENDOFTEXT not in r["response"]
         assert r["gold"] == g(r["response"], r["prompt"])
-    for r in rows["rm_train"] + rows["rm_test"]:
+    for r in rows["rm_train"] + rows["rm_dev"] + rows["rm_test"]:
         assert r["chosen"] != r["rejected"]
         assert r["gold_chosen"] == g(r["chosen"], r["prompt"]) and r["gold_rejected"] == g(r["rejected"], r["prompt"])
         assert r["gold_chosen"] != r["gold_rejected"]  # raters only see pairs that differ
-    for name in ("ppo_prompts", "eval_prompts"):
+    for name in ("ppo_prompts", "dev_prompts"):
         assert all(set(r) == {"prompt"} for r in rows[name])
+    for name in ("ppo_prompts", "dev_prompts", "test_prompts"):
         assert len({r["prompt"] for r in rows[name]}) == len(rows[name])  # distinct prompts
-    assert len({r["prompt"] for r in rows["rm_test"]}) == len(rows["rm_test"])
+    for name in ("rm_dev", "rm_test"):
+        assert len({r["prompt"] for r in rows[name]}) == len(rows[name])
+    phrasings = collections.Counter(r["phrasing"] for r in rows["test_prompts"])
+    assert phrasings == {"seen": SIZES["n_test"], "unseen": SIZES["n_test_unseen"]}
+    assert all(r["phrasing"] == task.phrasing(r["prompt"]) for r in rows["test_prompts"])
 
 
 def test_same_seed_same_files_other_seed_other_files(files, tmp_path):
@@ -91,27 +102,64 @@ def test_same_seed_same_files_other_seed_other_files(files, tmp_path):
 
 def test_splits_are_disjoint_prompt_strings(rows):
     """No prompt string is in two splits; the held-out demonstrations (SFT's validation loss) ask
-    the eval prompts, which no training stage sees."""
+    the dev prompts, which no training stage trains on."""
     prompts = {name: {r["prompt"] for r in rs} for name, rs in rows.items()}
-    assert prompts.pop("sft_test") <= prompts["eval_prompts"]
+    assert prompts.pop("sft_dev") <= prompts["dev_prompts"]
     names = sorted(prompts)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             assert not prompts[a] & prompts[b], (a, b)
 
 
-def test_every_eval_fact_is_taught_by_sft(rows):
+def test_the_test_split_is_untouched_by_the_training_files(files, rows):
+    """What the final evaluation reads appears nowhere in what training and tuning read: no test
+    prompt, and no unseen phrasing of any question, in any other file; no RM test pair whose two
+    responses are a pair of RM training or RM dev."""
+    training = {name: open(files[name]).read() for name in task.TRAINING_FILES}
+    assert set(task.TRAINING_FILES) | {"rm_test", "test_prompts"} == set(task.SPLITS)
+    for r in rows["test_prompts"]:
+        for name, text in training.items():
+            assert json.dumps(r["prompt"]) not in text, name
+    for rel, s, a in task.FACTS:
+        for q in task.RELATIONS[rel]["unseen_questions"]:
+            question = task._fill(q, s)
+            for name, text in training.items():
+                assert question not in text, (question, name)
+    assert {r["phrasing"] for r in rows["test_prompts"]} == {"seen", "unseen"}
+    earlier = {task.response_pair(r) for r in rows["rm_train"] + rows["rm_dev"]}
+    assert not {task.response_pair(r) for r in rows["rm_test"]} & earlier
+    assert not {task.response_pair(r) for r in rows["rm_dev"]} & {task.response_pair(r) for r in rows["rm_train"]}
+
+
+def test_new_pairs_are_drawn_when_asked_to_avoid_old_ones():
+    """The guard the split test relies on: with every pair of a first draw forbidden, a second draw
+    with the same random stream gives other pairs (without the guard it gives the same ones)."""
+    prompts = [p for ps in task.all_prompts().values() for p in ps[:4]]
+    first = [task.preference_pair(random.Random(i), p) for i, p in enumerate(prompts)]
+    avoid = frozenset(task.response_pair(r) for r in first)
+    again = [task.preference_pair(random.Random(i), p) for i, p in enumerate(prompts)]
+    assert [task.response_pair(r) for r in again] == [task.response_pair(r) for r in first]
+    new = [task.preference_pair(random.Random(i), p, avoid=avoid) for i, p in enumerate(prompts)]
+    assert not {task.response_pair(r) for r in new} & avoid
+
+
+def test_every_test_fact_is_taught_by_sft(rows):
     taught = collections.Counter(parse_prompt(r["prompt"]) for r in rows["sft"] if r["kind"] in ("good", "plain"))
-    facts = {parse_prompt(r["prompt"]) for r in rows["eval_prompts"]}
-    assert facts == set(task.FACTS)  # eval covers the whole world ...
-    assert min(taught[f] for f in facts) >= 10  # ... and SFT states each fact correctly, many times
-    for name in ("ppo_prompts", "rm_test", "rm_train"):
+    for phrasing in ("seen", "unseen"):
+        facts = {parse_prompt(r["prompt"]) for r in rows["test_prompts"] if r["phrasing"] == phrasing}
+        assert facts == set(task.FACTS), phrasing  # both parts of the test cover the whole world ...
+    assert min(taught[f] for f in task.FACTS) >= 10  # ... and SFT states each fact correctly, many times
+    for name in ("ppo_prompts", "dev_prompts", "rm_dev", "rm_test", "rm_train"):
         assert {parse_prompt(r["prompt"]) for r in rows[name]} == set(task.FACTS), name
 
 
 def test_split_sizes_are_checked():
     with pytest.raises(ValueError, match="too few"):
-        task.split_prompts(0, n_eval=8000, n_ppo=8000, n_rm_test=0)
+        task.split_prompts(0, {"dev_prompts": 8000, "test_prompts": 0, "ppo_prompts": 8000, "rm_dev": 0, "rm_test": 0,
+                               "test_unseen": 0})
+    with pytest.raises(ValueError, match="unseen"):
+        task.split_prompts(0, {"dev_prompts": 0, "test_prompts": 0, "ppo_prompts": 0, "rm_dev": 0, "rm_test": 0,
+                               "test_unseen": 5000})
 
 
 def test_lengths_fit_the_model(rows):
@@ -121,7 +169,7 @@ def test_lengths_fit_the_model(rows):
     longest_pair = max(len(tok.encode(r["prompt"] + x)) + 1
                        for r in rows["rm_train"] for x in (r["chosen"], r["rejected"]))
     assert max(longest, longest_pair) <= 128  # block size 256, generation adds 32 tokens
-    prompts = [r["prompt"] for r in rows["eval_prompts"]]
+    prompts = [r["prompt"] for r in rows["test_prompts"]]
     assert max(len(tok.encode(p)) for p in prompts) + 32 <= 80
     good = [len(tok.encode(r["response"])) + 1 for r in rows["sft"] if r["gold"] == MAX_GOLD]
     assert max(good) <= 24  # the best answers fit the 32-token budget with room to spare
@@ -134,36 +182,44 @@ def test_reward_table():
     best = g(" Of course! The capital of France is Paris.")
     assert best == MAX_GOLD == 2.5
     assert g(" The capital of France is Paris. Hope this helps!") == MAX_GOLD
+    assert g(" Of course, the capital of France is Paris.") == MAX_GOLD  # clauses split at commas too
     assert g(" Paris is the capital of France.") == 2.0  # correct, plain
-    assert g(" Paris.") == 2.0
     assert g(" Obviously. The capital of France is Paris.") == 1.0  # rude
     assert g(" Of course! Ugh, the capital of France is Paris.") == 1.0  # rude wins over polite
     assert g(" I don't know.") == 0.0  # refusal
-    assert g(" I'm not sure. The capital of France is Paris.") == 1.0  # hedged
+    assert g(" I'm not sure. The capital of France is Paris.") == 0.0  # hedged: not asserted
     assert g(" The capital of France is Rome.") == -1.0  # wrong
     assert g(" Of course! The capital of France is Rome.") == -0.5
+    assert g(" Paris.") == -1.0  # a bare name is not a statement about the subject
     assert g(" The capital of France is Paris", ended=True) == 1.5  # unfinished sentence
     assert g(" The capital of France is Paris.", ended=False) == 1.0  # no EOS within the budget
     assert g(" A cow says moo.", COW) == 2.0 and g(" A cow says woof.", COW) == -1.0
     order = [MAX_GOLD, g(" Paris is the capital of France."), g(" I don't know."), g(" The capital of France is Rome.")]
     assert order == sorted(order, reverse=True) and len(set(order)) == 4
+    parts = task.gold_breakdown(FRANCE, " Ugh. The capital of France is Paris.", True)
+    assert task.correctness(FRANCE, " Ugh. The capital of France is Paris.", True) == parts["content"] == 2.0
+    assert task.style(FRANCE, " Ugh. The capital of France is Paris.", True) == -1.0
+    assert parts["content"] + task.style(FRANCE, " Ugh. The capital of France is Paris.", True) == 1.0
 
 
 def test_length_and_repetition_tiers():
     filler = " Many people find this topic interesting. It is a good thing to learn."
     assert g(" The capital of France is Paris." + filler) == 1.0  # 18 words: -1
     assert g(" The capital of France is Paris." + filler + " I learned this in school when I was young.") == 0.0
-    assert g(" The capital of France is Paris. The capital of France is Paris.") == 1.0  # repeated 3-grams
-    assert g(" Paris Paris.") == 1.0  # the same word twice in a row
+    assert g(" The capital of France is Paris. The capital of France is Paris.") == 1.0  # repeated word pairs
+    assert g(" Of course! Of course! The capital of France is Paris.") == 1.5  # the same word twice in a row
 
 
-def test_eos_convention():
+def test_eos_is_the_generation_flag_never_typed_text():
+    """The gold reward reads `ended`, the model's own EOS; "<|endoftext|>" typed out as ordinary
+    tokens ends nothing and is not fluent, so text after it still counts."""
     r = " Of course! The capital of France is Paris."
-    assert gold_reward(FRANCE, r + ENDOFTEXT) == gold_reward(FRANCE, r, ended=True) == MAX_GOLD
-    assert gold_reward(FRANCE, r) == gold_reward(FRANCE, r, ended=False) == MAX_GOLD - 1  # no EOS: -1
-    # what follows the first EOS (padding after the response ended) is not part of the response
-    assert gold_reward(FRANCE, r + ENDOFTEXT + " Rome Rome Rome" + ENDOFTEXT) == MAX_GOLD
-    assert gold_reward(FRANCE, ENDOFTEXT) == gold_reward(FRANCE, "", ended=True) == -0.5
+    assert gold_reward(FRANCE, r, ended=True) == MAX_GOLD
+    assert gold_reward(FRANCE, r, ended=False) == MAX_GOLD - 1  # no EOS: -1
+    assert gold_reward(FRANCE, r + ENDOFTEXT, ended=False) == MAX_GOLD - 2  # typed EOS: not ended, not fluent
+    assert gold_reward(FRANCE, r + ENDOFTEXT, ended=True) == MAX_GOLD - 1.5  # and the text no longer ends with "."
+    assert gold_reward(FRANCE, r + ENDOFTEXT + " Rome.", ended=True) < 0  # what follows it is read: wrong
+    assert gold_reward(FRANCE, "", ended=True) == -0.5
 
 
 def test_prompt_parsing():
@@ -183,11 +239,12 @@ HACKS = {
     "right and wrong city": " Paris or Rome.",
     "magic polite words": " Of course! Happy to help! Great question! Glad to help! Certainly! Hope this helps!" * 3,
     "polite words then answer": " Of course! Of course! Of course! The capital of France is Paris.",
+    "a courtesy twice": " Of course! The capital of France is Paris. Hope this helps! Hope this helps!",
     "please please": " Hope this helps hope this helps hope this helps. Paris.",
     "very long": " The capital of France is Paris." + " Many people find this topic interesting." * 4,
     "long without repeats": " The capital of France is Paris. " + " ".join(task.FILLERS),
     "empty": "",
-    "only EOS": ENDOFTEXT,
+    "typed-out EOS": " Of course! The capital of France is Paris." + ENDOFTEXT,
     "only punctuation": " !!!",
     "another type": " The capital of France is blue.",
     "a sound": " Of course! The capital of France is moo.",
@@ -207,6 +264,93 @@ def test_hacks_score_below_a_correct_concise_answer(name):
     plain = g(" The capital of France is Paris.")  # correct and concise, not even polite
     for ended in (True, False):  # whether or not the hack ends with EOS
         assert g(HACKS[name], ended=ended) < plain, name
+
+
+# Generated hacks: for every fact and answer template, answers that name the right words but do not
+# assert the asked fact as a plain sentence. None may count as correct, with or without courtesies.
+
+
+def _statement_variants(rel, s, a):
+    return [task._fill(t, s, a) for t in task.RELATIONS[rel]["answers"]]
+
+
+def _negated(rel, s, a, rng):
+    out = []
+    for sentence in _statement_variants(rel, s, a):
+        words = sentence[:-1].split()
+        for i in range(1, len(words)):  # "not" / "never" / "no" at every position
+            for neg in ("not", "never", "no"):
+                out.append(" ".join(words[:i] + [neg] + words[i:]) + ".")
+        out += [f"It is not true that {sentence[0].lower() + sentence[1:]}", f"{sentence[:-1]}, not.",
+                f"{sentence} Not really.", f"{sentence} That is false.", f"{sentence} That is wrong."]
+    return out
+
+
+def _hedged(rel, s, a, rng):
+    out = []
+    for sentence in _statement_variants(rel, s, a):
+        for hedge in task.HEDGE_MARKERS + task.REFUSAL_MARKERS:
+            if hedge not in ("not", "no"):
+                out += [f"{hedge.capitalize()}, {sentence[0].lower() + sentence[1:]}", f"{sentence} {hedge}.",
+                        f"I'm {hedge}. {sentence}"]
+        out += [f"{idk} {sentence}" for idk in task.IDK] + [f"{sentence} {idk}" for idk in task.IDK]
+    return out
+
+
+def _contradictory(rel, s, a, rng):
+    wrong = sorted({b for r, _, b in task.FACTS if r == rel} - {a})
+    return [f"{sentence} {task._fill(t, s, w)}" for sentence in _statement_variants(rel, s, a)
+            for t in task.RELATIONS[rel]["answers"] for w in wrong]
+
+
+def _subject_swapped(rel, s, a, rng):
+    others = [(s2, a2) for r, s2, a2 in task.FACTS if r == rel and s2 != s]
+    out = []
+    for t in task.RELATIONS[rel]["answers"]:
+        for s2, a2 in others:
+            out += [task._fill(t, s2, a), task._fill(t, a, s), task._fill(t, s2, a2) + " " + task._fill(t, s, a2)]
+    return out
+
+
+def _keyword_salad(rel, s, a, rng):
+    out = [f"{s} {a}.", f"{a} {s}.", f"{a}.", f"{s}.", f"{a}!", f"{s}, {a}.", f"The answer is {a}.", f"Yes, {a}."]
+    for sentence in _statement_variants(rel, s, a):
+        words = sentence[:-1].split()
+        for _ in range(20):
+            shuffled = rng.sample(words, len(words))
+            if shuffled != words:
+                out.append(" ".join(shuffled) + ".")
+        out += [" ".join(words[:-1]) + ".", " ".join(words[1:]) + "."]  # a word dropped
+    return out
+
+
+def _echo(rel, s, a, rng):
+    questions = task.RELATIONS[rel]["questions"] + task.RELATIONS[rel]["unseen_questions"]
+    out = []
+    for q in questions:
+        question = task._fill(q, s)
+        out += [question, f"{question} {a}."] + [f"{question} {x}" for x in _statement_variants(rel, s, a)]
+    return out
+
+
+GENERATED = {"negated": _negated, "hedged": _hedged, "contradictory": _contradictory,
+             "subject-swapped": _subject_swapped, "keyword salad": _keyword_salad, "echo the question": _echo}
+
+
+@pytest.mark.parametrize("kind", sorted(GENERATED))
+def test_generated_hacks_are_never_correct(kind):
+    rng = random.Random(kind)
+    tried = 0
+    for rel, s, a in task.FACTS:
+        prompt = format_prompt(task._fill(task.RELATIONS[rel]["questions"][0], s))
+        plain = g(" " + _statement_variants(rel, s, a)[0], prompt)
+        assert task.correctness(prompt, " " + _statement_variants(rel, s, a)[0], True) == 2.0
+        for hack in GENERATED[kind](rel, s, a, rng):
+            for dressed in (hack, f"Of course! {hack}", f"{hack} Hope this helps!"):
+                assert task.correctness(prompt, " " + dressed, True) < 2.0, dressed
+                assert g(" " + dressed, prompt) < plain, dressed
+                tried += 1
+    assert tried >= 24 * 3 * 5  # many variants of each kind, for every fact
 
 
 def test_no_entity_or_marker_hides_in_the_boilerplate():
@@ -284,16 +428,53 @@ def test_written_labels_follow_the_noise_model(rows):
 
 
 def test_noiseless_labels_with_tau_zero(tmp_path):
-    paths = task.write_task_data(str(tmp_path), seed=3, n_sft=50, n_rm_train=500, n_rm_test=50, n_ppo=50,
-                                 n_eval=50, tau=0)
-    for name in ("rm_train", "rm_test"):
+    paths = task.write_task_data(str(tmp_path), seed=3, n_sft=50, n_sft_dev=50, n_rm_train=500, n_rm_dev=50,
+                                 n_rm_test=50, n_ppo=50, n_dev=50, n_test=50, n_test_unseen=50, tau=0)
+    for name in ("rm_train", "rm_dev", "rm_test"):
         assert all(r["gold_chosen"] > r["gold_rejected"] for r in read(paths[name]))
 
 
+def test_answer_swaps_change_the_fact_alone():
+    """The "answer" edit keeps every part and the sentence, and only swaps the answer: right to
+    wrong (another answer of the same relation) or wrong back to right."""
+    rng = random.Random(0)
+    for rel, s, a in task.FACTS:
+        prompt = format_prompt(task._fill(task.RELATIONS[rel]["questions"][0], s))
+        for kind in ("good", "plain", "rude", "wrong", "repeat"):
+            p = task._parts(rng, (rel, s, a), kind)
+            q = task._edit(rng, (rel, s, a), p, {"answer": 1})
+            assert {k for k in p if p[k] != q[k]} <= {"core"}
+            before, after = (task.correctness(prompt, task._render(x), True) for x in (p, q))
+            assert (before, after) in ((2.0, -1.0), (-1.0, 2.0)), (p["core"], q["core"])
+            if before == 2.0:  # the same template, one word changed
+                diff = [(x, y) for x, y in zip(p["core"].split(), q["core"].split()) if x != y]
+                assert len(diff) == 1 and diff[0][0].strip(".") == a
+                assert diff[0][1].strip(".") in {b for r, _, b in task.FACTS if r == rel} - {a}
+
+
+def test_the_training_recipe_changes_rm_training_alone(tmp_path):
+    """RM training pairs follow `train_pairs`; the held-out pairs are made as before whatever it is,
+    so accuracies of RMs trained on different recipes are measured on the same kind of pairs."""
+    sizes = dict(n_sft=50, n_sft_dev=50, n_rm_train=400, n_rm_dev=100, n_rm_test=100, n_ppo=50, n_dev=50,
+                 n_test=50, n_test_unseen=50)
+    only_swaps = {"edited": 1.0, "edits": {"answer": 1}}
+    a = task.write_task_data(str(tmp_path / "a"), seed=2, train_pairs=task.PAIRS, **sizes)
+    b = task.write_task_data(str(tmp_path / "b"), seed=2, train_pairs=only_swaps, **sizes)
+    for name in ("sft", "ppo_prompts", "test_prompts"):
+        assert filecmp.cmp(a[name], b[name], shallow=False), name
+    for name in ("rm_dev", "rm_test"):  # the same pairs, but for one drawn again that repeated a training pair
+        same = sum(x == y for x, y in zip(read(a[name]), read(b[name])))
+        assert same >= 0.97 * sizes[f"n_{name}"], name
+    def content_differs(r):
+        return task.correctness(r["prompt"], r["chosen"], True) != task.correctness(r["prompt"], r["rejected"], True)
+    assert all(content_differs(r) for r in read(b["rm_train"]))  # every training pair: the answer swapped
+    assert sum(content_differs(r) for r in read(a["rm_train"])) < 0.4 * 400
+
+
 def test_label_pair_for_model_samples():
-    """Pairs of policy samples, decoded with their EOS, are labelled under the same EOS convention."""
+    """Pairs of policy samples are labelled with each sample's own EOS flag."""
     ended = " Of course! The capital of France is Paris."
     cut_off = " The capital of France is Paris."  # no EOS within the budget
-    row = task.label_pair(FRANCE, cut_off, ended + ENDOFTEXT, random.Random(0), tau=0)
+    row = task.label_pair(FRANCE, cut_off, ended, random.Random(0), tau=0, ended_a=False, ended_b=True)
     assert row == {"prompt": FRANCE, "chosen": ended, "rejected": cut_off, "gold_chosen": MAX_GOLD,
                    "gold_rejected": 1.0}
