@@ -29,6 +29,7 @@ Text from data files is tokenized as ordinary text: a literal "<|endoftext|>" in
 not turned into a real EOS. Token sequences are kept as flat int32 arrays plus offsets (compact, and
 cheap to share with DataLoader workers); items are built as LongTensors on access.
 """
+import codecs
 import contextlib
 import glob
 import gzip
@@ -36,6 +37,7 @@ import hashlib
 import json
 import os
 import re
+import zlib
 from typing import List, Optional, Tuple
 
 import datasets
@@ -50,6 +52,8 @@ from tokenizer import ASSISTANT, format_prompt, pad_batch
 SYNTHETIC = "synthetic:"  # prefix of the built-in task's files, e.g. synthetic:sft
 PARTS = {"sft": 0.4, "rm": 0.4, "ppo": 0.2}  # share of prompts in each part; see "How the data is split"
 HH_SUBSETS = ("helpful-base", "harmless-base", "helpful-online", "helpful-rejection-sampled")
+BROKEN_FILE = (OSError, EOFError, zlib.error)  # what reading a corrupt or truncated (.gz) file raises
+NUL_NAME = "a column name holds a NUL byte"  # datasets and pyarrow disagree on where such a name ends
 BUILDERS = {".jsonl.gz": "json", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 # Columns each dataset reads, first match wins (rm-static rows have prompt, response, chosen, rejected).
@@ -141,13 +145,32 @@ def _quiet_datasets():
 
 def _load_files(files: List[str]) -> datasets.Dataset:
     builder = _builder(files[0])
+    if builder == "json":
+        for path in files:
+            _check_json_rows(path)
     try:
+        options = _csv_options(files[0]) if builder == "csv" else {}
         with _quiet_datasets():
-            rows = datasets.load_dataset(builder, data_files=files, split="train")
+            rows = datasets.load_dataset(builder, data_files=files, split="train", **options)
         rows.data.table.validate(full=True)  # the json loader lets invalid UTF-8 through; this catches it
+    except UserError:
+        raise
     except Exception as e:  # any failure to read a user's file is reported as a user error
         raise _read_error(files, builder, e) from None
     return rows
+
+
+def _csv_options(path: str) -> dict:
+    """Every column of a CSV file as the text in it, and every line a row: pandas alone would turn a
+    column of numbers into numbers (the answer "4" into 4, or 4.0 next to an empty cell), cells such as
+    "NA" or "None" into missing values, and skip a line of blanks without counting it."""
+    import pandas as pd
+
+    names = pd.read_csv(path, nrows=0, encoding="utf-8").columns
+    if any("\0" in name for name in names):
+        raise UserError(f"{path}, line 1: {NUL_NAME}")
+    features = datasets.Features({name: datasets.Value("string") for name in names})
+    return {"features": features, "keep_default_na": False, "skip_blank_lines": False}
 
 
 def _load_saved(directory: str, split: str) -> datasets.Dataset:
@@ -201,13 +224,47 @@ def _check_hub(repo: str) -> Optional[str]:
     return None
 
 
+def _check_json_rows(path: str):
+    """pyarrow's JSON reader kills the process (segfault) when a file's first row is `null`, and reads a
+    later `null` as a row of empty values; so a row that is not an object is refused before `datasets`
+    reads the file. A line that starts an object passes at a glance, one that is no JSON value by itself
+    is part of a document over several lines (datasets reads those whole), and an array is checked whole."""
+    opener = gzip.open if path.endswith(".gz") else open
+    first = True
+    try:
+        with opener(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                line = (raw.removeprefix(codecs.BOM_UTF8) if n == 1 else raw).strip()
+                if not line:
+                    continue
+                if first and line.startswith(b"["):
+                    problem = _problem(path, "json")
+                    if problem:
+                        raise UserError(problem)
+                    return
+                first = False
+                if line.startswith(b"{"):
+                    continue
+                try:
+                    row = json.loads(line.decode("utf-8"))  # (json.loads would skip a BOM in bytes)
+                except ValueError:
+                    continue
+                raise UserError(f"{path}, line {n}: expected one JSON object per line, found {type(row).__name__}")
+    except BROKEN_FILE:
+        pass  # _read_error says what is wrong with the file
+
+
+def _problem(path: str, builder: str) -> Optional[str]:
+    try:
+        return _first_problem(path, builder)
+    except BROKEN_FILE as e:
+        return f"{path}: cannot read the file ({_one_line(e)})"
+
+
 def _read_error(files: List[str], builder: str, error: Exception) -> UserError:
     """`datasets` rarely says where a file is broken, so look for the first bad line ourselves."""
     for path in files:
-        try:
-            problem = _first_problem(path, builder)
-        except (OSError, EOFError) as e:  # e.g. a corrupt .gz
-            problem = f"{path}: cannot read the file ({_one_line(e)})"
+        problem = _problem(path, builder)
         if problem:
             return UserError(problem)
     cause = error.__cause__ or error
@@ -215,41 +272,69 @@ def _read_error(files: List[str], builder: str, error: Exception) -> UserError:
 
 
 def _first_problem(path: str, builder: str) -> Optional[str]:
-    """The first line of a text file that is not UTF-8 or (JSON Lines) not one JSON object; or that it
-    has no rows. None when nothing is found (CSV syntax errors are left to pandas, which names the line)."""
+    """The first line of a text file that is not UTF-8 or (JSON Lines) not one JSON object, or the first
+    item of a JSON array that is not an object; or that it has no rows. None when nothing is found
+    (CSV syntax errors are left to pandas, which names the line)."""
     if builder == "parquet":
-        return None
+        return _parquet_problem(path)
     opener = gzip.open if path.endswith(".gz") else open
-    n_rows, json_array = 0, False
+    n_rows, json_array, first = 0, False, True
     with opener(path, "rb") as f:
         for n, raw in enumerate(f, 1):
+            if n == 1:  # a BOM may start the file, and is no column of it
+                raw = raw.removeprefix(codecs.BOM_UTF8)
             try:
-                line = raw.decode("utf-8-sig")
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 byte = f"byte {raw[e.start]:#04x} at column {e.start + 1}"
                 return f"{path}, line {n}: not UTF-8 text ({byte}); save it as UTF-8"
             if not line.strip():
                 continue
-            n_rows += 1
-            if builder != "json" or json_array:
-                continue
-            if n_rows == 1 and line.lstrip().startswith("["):  # one JSON array, checked whole below
+            if builder != "json":
+                n_rows += 1
+            elif first and line.lstrip().startswith("["):  # one JSON array, checked whole below
                 json_array = True
-            else:
+            elif not json_array:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     return f"{path}, line {n}: malformed JSON ({e.msg} at column {e.colno})"
                 if not isinstance(row, dict):
                     return f"{path}, line {n}: expected one JSON object per line, found {type(row).__name__}"
-    if n_rows <= (builder == "csv"):  # a CSV file's first line is its header
-        return f"{path} has no rows"
+                if any("\0" in name for name in row):
+                    return f"{path}, line {n}: {NUL_NAME}"
+                n_rows += bool(row)  # datasets reads no row from a file of `{}`s
+            first = False
     if json_array:
         with opener(path, "rt", encoding="utf-8-sig") as f:
             try:
-                json.load(f)
+                items = json.load(f)
             except json.JSONDecodeError as e:
                 return f"{path}, line {e.lineno}: malformed JSON ({e.msg} at column {e.colno})"
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                return f"{path}: item {i + 1} of the JSON array should be an object, found {type(item).__name__}"
+            if any("\0" in name for name in item):
+                return f"{path}: item {i + 1} of the JSON array: {NUL_NAME}"
+        n_rows = sum(map(bool, items))
+    if n_rows <= (builder == "csv"):  # a CSV file's first line is its header
+        return f"{path} has no rows"
+    return None
+
+
+def _parquet_problem(path: str) -> Optional[str]:
+    """That a Parquet file has no rows or no columns (pyarrow's words for it are "BatchSize must be
+    greater than 0"), or a column name with a NUL; None for anything else, pyarrow names that well enough."""
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception:
+        return None
+    if parquet.metadata.num_rows == 0 or parquet.metadata.num_columns == 0:
+        return f"{path} has no {'rows' if parquet.metadata.num_rows == 0 else 'columns'}"
+    if any("\0" in name for name in parquet.schema_arrow.names):
+        return f"{path}: {NUL_NAME}"
     return None
 
 
@@ -406,8 +491,9 @@ def _columns(rows: datasets.Dataset, kind: str, label: str):
         closest = min(SCHEMAS[kind], key=lambda cols: (len(set(cols) - set(have)), -len(set(cols) & set(have))))
         missing = ", ".join(c for c in closest if c not in have)
         accepted = " or ".join("+".join(cols) for cols in SCHEMAS[kind])
+        found = ", ".join(c if c.isprintable() and c.strip() == c != "" else repr(c) for c in have) or "none"
         raise UserError(f"{label}: missing column {missing} for {kind} rows (they need {accepted}); "
-                        f"columns found: {', '.join(have) or 'none'}")
+                        f"columns found: {found}")
     table = rows.select_columns(list(cols))[:]
     data = [table[c] for c in cols]
     for col, values in zip(cols, data):
