@@ -5,7 +5,8 @@ preference is known (src/task.py): a tiny GPT-2 learns to answer questions about
 facts from demonstrations of mixed quality, a reward model learns from noisy preference labels, PPO
 optimises the policy against that reward model, and the task's gold reward judges the result.
 Every stage runs through the same code as its script (train_sft.py, train_rm.py, train_ppo.py,
-evaluate.py) into one run directory, and a results table is printed and saved.
+evaluate.py) into one run directory, and a results table is printed and saved. Training and tuning
+read the task's train and dev files; the final evaluation alone reads its test files.
 
 Examples:
   # the main job (the full plan; --help lists every plan's step counts)
@@ -13,6 +14,9 @@ Examples:
 
   # a shortened run (what the tests run)
   python src/pipeline.py --plan quick
+
+  # the main job once per seed, with every seed's figures, their mean and an interval over facts
+  python src/pipeline.py --seeds 0,1,2
 
   # longer PPO than the plan's
   python src/pipeline.py --ppo-args="--max-steps 120"

@@ -181,16 +181,23 @@ def over_optimisation_page(pdf, results, rm_run, ppo_run, ablation=None):
                  f"{last['gold']:.2f}: the policy learned what the reward model over-rates, not what is good.")
     p.para(text)
     acc = results["rm_gold_accuracy"]
+    answers = results.get("answers", {})
     p.heading("What limits it", 12)
-    p.para(f"The reward model learns style (politeness, rambling, repetition, refusals) from "
-           f"{rm_run['data']['train']['kept']:,} noisy pairs in {results['seconds']['rm'] / 60:.1f} minutes: it "
-           f"orders {100 * acc['vs_gold_style_pairs']:.1f}% of the held-out pairs that "
-           f"differ only in style as gold does, but only {100 * acc['vs_gold_content_pairs']:.1f}% of the "
-           f"{acc['content_pairs']} pairs that differ in correctness (right fact, wrong fact, no answer). PPO "
-           f"therefore mostly removes rudeness, rambling and refusals and adds courtesy; it can do little "
-           f"about the wrong facts the SFT policy samples. The RM also had a hole PPO found at once: trained "
-           f"without pairs where the answer is left out, it scored 'Glad to help! Hope this helps!' above a "
-           f"correct answer and the policy learned to say only that (src/task.py).")
+    content, style = acc["vs_gold_content_pairs"], acc["vs_gold_style_pairs"]
+    text = (f"The reward model learns from {rm_run['data']['train']['kept']:,} noisy pairs in "
+            f"{results['seconds']['rm'] / 60:.1f} minutes. On the held-out test pairs it orders "
+            f"{100 * style:.1f}% of those that differ only in style as gold does, and {100 * content:.1f}% of the "
+            f"{acc['content_pairs']} that differ in correctness (right fact, wrong fact, no answer)")
+    text += (": facts are what it knows least, so PPO mostly changes style." if content < style - 0.05 else
+             ": it knows facts about as well as style, because its training pairs include answer swaps (the "
+             "same sentence with another answer).")
+    if answers:
+        sft, ppo = answers["sft"], answers["ppo"]
+        text += (f" Wrong answers go from {100 * sft['wrong']:.1f}% of SFT's samples to {100 * ppo['wrong']:.1f}% "
+                 f"of PPO's, correct ones from {100 * sft['correct']:.1f}% to {100 * ppo['correct']:.1f}%. Judged on "
+                 f"correctness alone PPO can win at most {100 * (0.5 + (1 - sft['correct']) / 2):.1f}% against "
+                 f"this SFT policy (ties count half, and SFT is correct on {100 * sft['correct']:.1f}% of prompts).")
+    p.para(text)
     p.close()
 
 

@@ -10,7 +10,7 @@ every recipe (task.PAIRS), and the test pairs are not read: this is where the pi
 
 Example (after `python src/pipeline.py`; about 2 minutes per recipe on 2 CPU cores):
   python src/study_rm.py --sft runs/pipeline_task_<stamp>/sft
-  python src/study_rm.py --sft runs/pipeline_task_<stamp>/sft --recipes "as before" "answer swaps x3"
+  python src/study_rm.py --sft runs/pipeline_task_<stamp>/sft --recipes "as before" "content edits x3"
 """
 import copy
 import os
@@ -32,11 +32,9 @@ def _recipe(edited: float = 0.5, **weights) -> dict:
 RECIPES = {
     "as before": (task.PAIRS, []),
     "content edits x3": (_recipe(content=3), []),
-    "answer swaps x3": (_recipe(answer=3), []),
-    "answer swaps x5": (_recipe(answer=5), []),
-    "answer swaps x3, 70% edited": (_recipe(edited=0.7, answer=3, content=2), []),
+    "answer swaps x3 (the pipeline's)": (task.TRAIN_PAIRS, []),
+    "answer swaps x3, content x2, 70% edited": (_recipe(edited=0.7, answer=3, content=2), []),
     "as before, twice the steps": (task.PAIRS, ["--max-steps", "1200"]),
-    "as before, lr 3e-4": (task.PAIRS, ["--lr", "3e-4"]),
 }
 
 
@@ -49,7 +47,7 @@ def run_recipe(name: str, sft: str, out_dir: str, seed: int, device: str) -> dic
     rm_dir = os.path.join(out_dir, "rm")
     train_rm.main(["--run-dir", rm_dir, "-p", sft, "--preset", "tiny", "--seed", str(seed), "--device", device,
                    "--data", files["rm_train"], "--eval-data", files["rm_dev"], "--part", "all", *PLANS["full"].rm,
-                   "--eval-every", "0", *flags])
+                   *flags])
     return {"recipe": name, "train_pairs": pairs, "flags": flags, **rm_gold_accuracy(rm_dir, files["rm_dev"], device)}
 
 
