@@ -1,12 +1,21 @@
 """Checkpoints that say what they are, load strictly, and are never half-written.
 
 Layout:
-  runs/<stage>_<name>_<stamp>/checkpoints/step_000500/{model.safetensors, optimizer.pt, trainer_state.json}
+  runs/<stage>_<name>_<stamp>/checkpoints/step_000500/{model.safetensors, optimizer.pt, trainer_state.json,
+                                                     checksums.json}
   runs/<stage>_<name>_<stamp>/final/model.safetensors
 Weights are safetensors; the file's metadata key `minchatgpt` holds JSON {stage, kind, preset,
-model_config}, so loading the wrong thing (an SFT model as a reward model, a gpt2-medium checkpoint
+model_config, sha256}, so loading the wrong thing (an SFT model as a reward model, a gpt2-medium checkpoint
 into the tiny preset) fails with a clear message instead of a silent non-strict load. Optimizer and
 RNG state go through torch.save and come back with torch.load(weights_only=True): no pickles.
+
+Nothing damaged loads silently. safetensors checks only that a file's header is well formed and
+covers the file, and torch.load checks nothing, so a flipped bit in the data of either loads as
+different numbers. So `sha256` seals the weights file: it is the sha256 of the whole file with those
+64 characters read as zeros (`save_weights`), verified by streaming the file when a checkpoint is
+first looked at (`checkpoint_info`), before any work starts; and a training checkpoint's
+checksums.json holds the sha256 of its optimizer.pt and trainer_state.json, verified on resume.
+Files written before these existed load unverified.
 
 Two ways to load:
 - `load_model(path)`: the exact model that was saved (resume, PPO's reward model, evaluation).
@@ -16,8 +25,10 @@ Two ways to load:
   initialises a LoRA reward model (this failed in the original) and vice versa.
 """
 import glob
+import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 from dataclasses import replace
@@ -27,12 +38,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from common import UserError, atomic_path, looks_like_path
+from common import UserError, atomic_path, looks_like_path, read_json
 from configs import ModelConfig
 from gpt import GPT, RewardModel, ValueModel
 
 KINDS = {"lm": GPT, "rm": RewardModel, "value": ValueModel}
 MODEL_FILE = "model.safetensors"
+CHECKSUMS_FILE = "checksums.json"  # sha256 of a training checkpoint's other files
 
 
 def kind_of(model) -> str:
@@ -49,8 +61,86 @@ def save_model(model, out_dir: str, stage: str, preset: Optional[str] = None) ->
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     path = os.path.join(out_dir, MODEL_FILE)
     with atomic_path(path) as tmp:
-        save_file(state, tmp, metadata={"minchatgpt": json.dumps(meta)})
+        save_weights(state, tmp, meta)
     return path
+
+
+_UNSEALED = "0" * 64  # the digest's place while the file's digest is computed
+
+
+def save_weights(state: dict, path: str, meta: dict):
+    """`state` as a safetensors file with `meta` as its minchatgpt metadata, sealed: meta's "sha256" is
+    the digest of the file with those 64 characters zeroed, written into them in place (same length)."""
+    save_file(state, path, metadata={"minchatgpt": json.dumps({**meta, "sha256": _UNSEALED})})
+    with open(path, "r+b") as f:
+        header = _header(f)
+        at = header.index(_UNSEALED.encode())
+        digest = _sealed_digest(f, header, at)
+        f.seek(at)
+        f.write(digest.encode())
+
+
+def _header(f) -> bytes:
+    """A safetensors file's first bytes: the 8-byte length, then the JSON header."""
+    f.seek(0)
+    head = f.read(8)
+    return head + f.read(int.from_bytes(head, "little"))
+
+
+def _sealed_digest(f, header: bytes, at: int) -> str:
+    """sha256 of the open file that starts with `header`, the 64 bytes at `at` read as zeros."""
+    h = hashlib.sha256(header[:at] + _UNSEALED.encode() + header[at + len(_UNSEALED):])
+    f.seek(len(header))
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+_VERIFIED = set()  # files verified by this process, as (path, inode, size, mtime)
+
+
+def verify_weights(file: str, digest: str):
+    """UserError unless `file` matches the digest it was sealed with. Each file is read once per
+    process: the key changes whenever it is rewritten (every writer here renames a new file in)."""
+    st = os.stat(file)
+    key = (os.path.realpath(file), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key in _VERIFIED:
+        return
+    with open(file, "rb") as f:
+        header = _header(f)
+        at = header.find(digest.encode())
+        if at < 0 or _sealed_digest(f, header, at) != digest:
+            raise UserError(f"{file} is corrupt: its bytes differ from the sha256 sealed into it when it was "
+                            f"saved (a damaged copy or disk)")
+    _VERIFIED.add(key)
+
+
+def load_weights(info: dict) -> dict:
+    """The tensors of checkpoint_info's (verified) file."""
+    try:
+        return load_file(info["file"])
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{info['file']} is not a readable safetensors file ({e})") from None
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def is_run_dir(path: str) -> bool:
+    """Whether `path` is a training run's directory (it may not hold a model yet)."""
+    if os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isdir(os.path.join(path, "final")):
+        return True
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "stage" in config and "args" in config
 
 
 def latest_checkpoint(run_dir: str) -> Optional[str]:
@@ -72,15 +162,25 @@ def find_model_file(path: str) -> str:
     step = latest_checkpoint(path)
     if step:
         return os.path.join(step, MODEL_FILE)
+    if is_run_dir(path):
+        raise UserError(f"run directory {path} holds no model yet: no final/{MODEL_FILE} and no complete "
+                        f"checkpoints/step_* (was it stopped before its first checkpoint?)")
     raise UserError(f"no {MODEL_FILE} in {path} (expected a run dir, a checkpoint dir or the file)")
 
 
 def is_checkpoint(path: str) -> bool:
-    """True for our run dirs / checkpoint dirs / model files, False for hub names and HF dirs."""
-    try:
-        return os.path.exists(path) and "minchatgpt" in _metadata(find_model_file(path))
-    except UserError:
+    """True for our run dirs / checkpoint dirs / model files, False for hub names and HF dirs.
+    A model file that cannot be read, or a run directory with no model yet, is an error (UserError):
+    it is not some other format to try next."""
+    if not os.path.exists(path):
         return False
+    try:
+        file = find_model_file(path)
+    except UserError:
+        if is_run_dir(path):
+            raise
+        return False
+    return "minchatgpt" in _metadata(file)
 
 
 def _metadata(file: str) -> dict:
@@ -98,10 +198,16 @@ def checkpoint_info(path: str) -> dict:
     meta = _metadata(file)
     if "minchatgpt" not in meta:
         raise UserError(f"{file} was not written by minChatGPT (no metadata); use it as a GPT-2 init instead")
-    info = json.loads(meta["minchatgpt"])
-    info["file"] = file
-    info["config"] = ModelConfig.from_dict(info["model_config"])
-    return info
+    try:  # a damaged header can still be valid safetensors
+        info = json.loads(meta["minchatgpt"])
+        if isinstance(info, dict) and "sha256" in info:
+            verify_weights(file, info["sha256"])  # first: then a damaged file is called so, whatever it claims
+        config = ModelConfig.from_dict(info["model_config"])
+        if info["kind"] not in KINDS:
+            raise ValueError(f"unknown model kind {info['kind']!r}")
+    except (ValueError, TypeError, KeyError) as e:
+        raise UserError(f"{file} has unreadable minChatGPT metadata ({e}); the file is damaged") from None
+    return {**info, "file": file, "config": config}
 
 
 def _describe(info: dict) -> str:
@@ -121,12 +227,19 @@ def load_model(path: str, kind: Optional[str] = None, stages=None, what: str = "
     if config is not None and config.architecture() != saved.architecture():
         raise UserError(f"{what} {path} does not fit the preset: {_arch_diff(config, saved)}")
     model = KINDS[info["kind"]](replace(saved, dropout=config.dropout) if config else saved)
-    state = load_file(info["file"])
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{info['file']} does not match its own config: missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}")
+    _load_state(model, load_weights(info), info["file"])
     return model, info
+
+
+def _load_state(model, state: dict, file: str):
+    """Load `state` strictly; a mismatch (missing, unexpected or misshapen tensors) is a UserError."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes differ: the file's tensors are not those of its recorded config
+        raise UserError(f"{file} does not match its own config: {str(e).splitlines()[-1].strip()}") from None
+    if missing or unexpected:
+        raise UserError(f"{file} does not match its own config: missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}")
 
 
 def _arch_diff(want: ModelConfig, got: ModelConfig) -> str:
@@ -178,51 +291,100 @@ def save_training_checkpoint(run_dir: str, step: int, models: dict, stage: str, 
                              optimizers: dict, schedulers: dict, trainer_state: dict, rng_states: list,
                              keep_last: int, scaler=None) -> str:
     """checkpoints/step_XXXXXX/ with one safetensors file per model, optimizer.pt (optimizers,
-    schedulers, the fp16 GradScaler's loss scale, each process's RNG state) and trainer_state.json,
-    written to a temporary directory and renamed into place; then all but the newest `keep_last`
-    checkpoints are removed.
+    schedulers, the fp16 GradScaler's loss scale, each process's RNG state), trainer_state.json and
+    checksums.json, written to a temporary directory and renamed into place; then all but the newest
+    `keep_last` checkpoints are removed.
 
-    The temporary directory is `.tmp_step_XXXXXX`, not common.atomic_path's `step_XXXXXX.tmpPID`:
-    its name must not match `step_*`, which latest_checkpoint and the pruning below glob for. An
-    older checkpoint of the same step (a resumed run saving it again) is removed just before the
-    rename, because a directory cannot be renamed over one that is not empty."""
+    Every `step_*` directory is complete, whenever the process dies (SIGKILL, a full disk): the
+    temporary directory is `.tmp_step_XXXXXX`, not common.atomic_path's `step_XXXXXX.tmpPID`, since
+    its name must not match `step_*`, which latest_checkpoint and the pruning below glob for; a save
+    that fails removes it; and a checkpoint is removed by renaming it out of `step_*` first
+    (`_remove_checkpoint`), so no half-deleted one is ever taken for the newest."""
     root = os.path.join(run_dir, "checkpoints")
     final = os.path.join(root, f"step_{step:06d}")
     tmp = os.path.join(root, f".tmp_step_{step:06d}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in glob.glob(os.path.join(root, ".tmp_step_*")) + glob.glob(os.path.join(root, ".old_step_*")):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a process killed while saving
     os.makedirs(tmp)
-    for name, model in models.items():
-        save_model(model, os.path.join(tmp, name) if name != "model" else tmp, stage, preset)
-    torch.save({
-        "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-        "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
-        "rng": rng_states,
-        "scaler": scaler.state_dict() if scaler is not None else None,  # without it fp16 resume is not exact
-    }, os.path.join(tmp, "optimizer.pt"))
-    with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-        json.dump(trainer_state, f, indent=2)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    try:
+        for name, model in models.items():
+            save_model(model, os.path.join(tmp, name) if name != "model" else tmp, stage, preset)
+        torch.save({
+            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+            "rng": rng_states,
+            "scaler": scaler.state_dict() if scaler is not None else None,  # without it fp16 resume is not exact
+        }, os.path.join(tmp, "optimizer.pt"))
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump(trainer_state, f, indent=2)
+        with open(os.path.join(tmp, CHECKSUMS_FILE), "w") as f:
+            json.dump({name: file_sha256(os.path.join(tmp, name)) for name in ("optimizer.pt", "trainer_state.json")},
+                      f, indent=2)
+        if os.path.exists(final):  # a resumed run saving this step again
+            _remove_checkpoint(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # e.g. a full disk: give the space back, keep the older ones
+        raise
     done = sorted(glob.glob(os.path.join(root, "step_*")))
     for old in done[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_checkpoint(old)
     return final
 
 
-def load_training_checkpoint(ckpt_dir: str, models: dict, optimizers: dict, schedulers: dict, scaler=None):
-    """Restore models, optimizers, schedulers and the GradScaler in place; returns (trainer_state, rng_states)."""
+def _remove_checkpoint(path: str):
+    """Rename `path` out of `step_*` (atomic), then delete it."""
+    aside = os.path.join(os.path.dirname(path), ".old_" + os.path.basename(path))
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def load_training_checkpoint(ckpt_dir: str, models: dict, optimizers: dict, schedulers: dict, scaler=None,
+                             stage: Optional[str] = None):
+    """Restore models, optimizers, schedulers and the GradScaler in place; returns (trainer_state, rng_states).
+
+    Each model file must hold a model of the kind and architecture it is restored into (and of
+    `stage`, if given), every file must match its recorded sha256, and anything else is a UserError
+    naming the file: a resume is exact or it does not start."""
     for name, model in models.items():
         file = os.path.join(ckpt_dir, MODEL_FILE) if name == "model" else os.path.join(ckpt_dir, name, MODEL_FILE)
-        model.load_state_dict(load_file(file), strict=True)
-    blob = torch.load(os.path.join(ckpt_dir, "optimizer.pt"), weights_only=True)
+        info = checkpoint_info(file)
+        want = f"a {kind_of(model)} model" + (f" of the {stage} stage" if stage else "")
+        if info["kind"] != kind_of(model) or stage is not None and info["stage"] != stage:
+            raise UserError(f"{file} is {_describe(info)}, but this run resumes {want}")
+        if info["config"].architecture() != model.config.architecture():
+            raise UserError(f"{file} does not fit the run's model: {_arch_diff(model.config, info['config'])}")
+        _load_state(model, load_weights(info), file)
+    _verify_checksums(ckpt_dir)
+    path = os.path.join(ckpt_dir, "optimizer.pt")
+    try:
+        blob = torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise UserError(f"{path} is not readable ({str(e).splitlines()[0]})") from None
     for k, o in optimizers.items():
         o.load_state_dict(blob["optimizers"][k])
     for k, s in schedulers.items():
         s.load_state_dict(blob["schedulers"][k])
     if scaler is not None and blob.get("scaler"):
         scaler.load_state_dict(blob["scaler"])
-    with open(os.path.join(ckpt_dir, "trainer_state.json")) as f:
-        return json.load(f), blob["rng"]
+    return read_json(os.path.join(ckpt_dir, "trainer_state.json"), "trainer state"), blob["rng"]
+
+
+def _verify_checksums(ckpt_dir: str):
+    """Check optimizer.pt and trainer_state.json against checksums.json (older checkpoints have none)."""
+    path = os.path.join(ckpt_dir, CHECKSUMS_FILE)
+    if not os.path.exists(path):
+        return
+    sums = read_json(path, "checksums")
+    if not isinstance(sums, dict):
+        raise UserError(f"{path} is damaged (not a JSON object)")
+    for name, want in sums.items():
+        file = os.path.join(ckpt_dir, name)
+        if not os.path.isfile(file):
+            raise UserError(f"{file} is missing from the checkpoint")
+        if file_sha256(file) != want:
+            raise UserError(f"{file} is corrupt: its sha256 differs from the one in {CHECKSUMS_FILE}")
 
 
 def rng_state() -> dict:

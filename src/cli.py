@@ -152,7 +152,16 @@ def resumed_args(args):
     """With --resume RUN_DIR, the arguments saved in RUN_DIR/config.json (plus resume itself)."""
     if not args.resume:
         return args
-    saved = read_json(os.path.join(args.resume, "config.json"), "run config (is --resume a run directory?)")
+    path = os.path.join(args.resume, "config.json")
+    saved = read_json(path, "run config (is --resume a run directory?)")
+    if not isinstance(saved, dict) or not isinstance(saved.get("args"), dict):
+        raise UserError(f"--resume {args.resume}: {path} is not a training run's config (no saved arguments)")
+    # Another script's run (an SFT run given to train_rm.py) has other flags: refuse it before they are used.
+    ours, theirs = set(vars(args)) - {"resume"}, set(saved["args"]) - {"resume"}
+    if ours != theirs:
+        differ = ", ".join("--" + k.replace("_", "-") for k in sorted(ours ^ theirs)[:3])
+        raise UserError(f"--resume {args.resume} was made by another script (stage {saved.get('stage', '?')} in its "
+                        f"config.json; its saved flags differ: {differ})")
     restored = argparse.Namespace(**saved["args"])
     restored.resume = args.resume
     return restored

@@ -90,17 +90,21 @@ def default_precision(device: torch.device) -> str:
 
 
 def make_run_dir(stage: str, name: str, root: str = "runs") -> str:
-    """runs/<stage>_<name>_<YYYYmmdd-HHMMSS>/, made unique if two runs start in the same second.
-    The name is one path component: a name with a separator or '..' could write outside `root`."""
+    """runs/<stage>_<name>_<YYYYmmdd-HHMMSS>/, made unique (-1, -2, ...) if runs start in the same second,
+    in one process or several at once. The name is one path component: a name with a separator or
+    '..' could write outside `root`."""
     if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name) or ".." in name:
         raise UserError(f"-n/--name {name!r}: use letters, digits and _ . + - only (no path separators, no '..')")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = os.path.join(root, f"{stage}_{name}_{stamp}")
+    os.makedirs(root, exist_ok=True)
     path, n = base, 1
-    while os.path.exists(path):
-        path, n = f"{base}-{n}", n + 1
-    os.makedirs(path)
-    return path
+    while True:
+        try:  # mkdir, not a check then a makedirs: another process may take the name in between
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            path, n = f"{base}-{n}", n + 1
 
 
 @contextmanager

@@ -7,6 +7,7 @@ A `Stage` says what a step is: `SFTStage` and `RMStage` turn a micro-batch into 
 overrides the whole step, since one rollout feeds many optimizer steps, and is glue between the
 Trainer and the algorithm in ppo.py.
 """
+import glob
 import json
 import math
 import os
@@ -29,6 +30,7 @@ from checkpoints import (
 from common import (
     TrainingError,
     UserError,
+    atomic_path,
     autocast,
     default_precision,
     flush_denormals,
@@ -115,11 +117,22 @@ class MetricsLog:
         self.enabled = enabled
         self.wandb = wandb_run
         if enabled and resume_step is not None and os.path.exists(self.path):
-            # Drop what was logged after the checkpoint we resume from: it will be logged again.
-            with open(self.path) as f:
-                keep = [line for line in f if json.loads(line).get("step", 0) <= resume_step]
-            with open(self.path, "w") as f:
-                f.writelines(keep)
+            self._truncate(resume_step)
+
+    def _truncate(self, resume_step: int):
+        """Drop what was logged after the checkpoint we resume from (it will be logged again) and the
+        torn last line a killed process may leave; rewritten atomically, so a kill now loses nothing."""
+        keep = []
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict) and row.get("step", 0) <= resume_step:
+                    keep.append(line.rstrip("\n") + "\n")
+        with atomic_path(self.path) as tmp, open(tmp, "w") as f:
+            f.writelines(keep)
 
     def log(self, step: int, metrics: dict):
         if not self.enabled or not metrics:
@@ -526,8 +539,14 @@ class Trainer:
         self.dist.barrier()
 
     def resume(self, ckpt_dir: str):
-        self.state, rngs = load_training_checkpoint(ckpt_dir, self.stage.models, self.optimizers, self.schedulers,
-                                                    self.scaler)
+        try:
+            self.state, rngs = load_training_checkpoint(ckpt_dir, self.stage.models, self.optimizers,
+                                                        self.schedulers, self.scaler, stage=self.stage.name)
+        except UserError as e:
+            older = [c for c in sorted(glob.glob(os.path.join(self.run_dir, "checkpoints", "step_*")))
+                     if os.path.basename(c) < os.path.basename(ckpt_dir)]
+            hint = f"; delete {ckpt_dir} to resume from {older[-1]}" if older else ""
+            raise UserError(f"cannot resume from {ckpt_dir}: {e}{hint}") from None
         self.step = self.state["step"]
         self.stage.load_extra_state(self.state.pop("stage", {}))
         if len(rngs) != self.dist.world_size:
