@@ -22,7 +22,7 @@ so a left-padded row gives the same outputs as the same row without padding.
 import json
 import math
 from contextlib import contextmanager
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import loralib as lora
 import torch
@@ -276,6 +276,7 @@ class GPT(nn.Module):
         tokenizer=None,
         generator: Optional[torch.Generator] = None,
         use_cache: bool = True,
+        on_step: Optional[Callable[[torch.Tensor], None]] = None,
     ) -> Generation:
         """Sample (or, with temperature=0, greedily decode) continuations of left-padded prompts.
 
@@ -283,7 +284,9 @@ class GPT(nn.Module):
         contains one of `stop_strings` (needs `tokenizer`; the caller strips the stop string from
         the decoded text). Finished rows get pad ids and mask 0 after that point, and the output
         layer is only run for rows still going. use_cache=False recomputes the whole prefix at every
-        step, as the original project did (kept for tests and benchmarks).
+        step, as the original project did (kept for tests and benchmarks). on_step, if given, is
+        called once per decoding step with the (B,) tokens of that step, in order (a row that had
+        already finished shows the pad id): a view to read, e.g. to stream text as it is written.
         """
         B, Tp = prompt_ids.shape
         device = prompt_ids.device
@@ -310,6 +313,8 @@ class GPT(nn.Module):
                 new[alive, t] = nxt
                 new_mask[alive, t] = 1
                 n = t + 1
+                if on_step is not None:
+                    on_step(new[:, t])
                 if eos_id is not None:
                     finished[alive] |= nxt == eos_id
                 for row in alive.tolist() if stop_strings else ():
