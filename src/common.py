@@ -85,8 +85,12 @@ def autocast(device: torch.device, precision: str):
 
 
 def default_precision(device: torch.device) -> str:
-    """bf16 autocast on CUDA, fp32 on CPU (bf16 on CPU is an opt-in: faster, less exact)."""
-    return "bf16" if device.type == "cuda" else "fp32"
+    """bf16 autocast on GPUs that have it natively (compute capability >= 8.0: A100, H100, RTX 30xx+),
+    fp16 with loss scaling below that (T4, V100: torch.cuda.is_bf16_supported() can say yes there
+    through slow emulation, so the capability decides), fp32 on CPU (bf16 there is an opt-in)."""
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
 
 
 def make_run_dir(stage: str, name: str, root: str = "runs") -> str:
@@ -153,5 +157,5 @@ def read_json(path: str, what: str = "file"):
 
 
 def is_interactive() -> bool:
-    """Progress bars only on a terminal and never in CI."""
-    return sys.stderr.isatty() and not os.environ.get("CI")
+    """Progress bars on a terminal or in a notebook kernel, never in CI."""
+    return (sys.stderr.isatty() or "ipykernel" in sys.modules) and not os.environ.get("CI")
