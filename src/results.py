@@ -170,6 +170,35 @@ def plot_reward_curves(fig, curves, rect=(0.1, 0.1, 0.85, 0.8)):
     by_step.set_title("against training", fontsize=8)
 
 
+def gold_terms(results: dict) -> Dict[str, Dict[str, float]]:
+    """policy -> mean content term and mean style term (every other term) of its evaluation answers,
+    read from the gold:correctness and gold:style comparisons (init, sft, ppo where compared)."""
+    out: Dict[str, Dict[str, float]] = {}
+    for r in results["results"]:
+        part = {"gold:correctness": "content", "gold:style": "style"}.get(r["judge"])
+        if part:
+            for side in ("a", "b"):
+                out.setdefault(r[side], {})[part] = r[f"mean_score_{side}"]
+    return {name: terms for name, terms in out.items() if len(terms) == 2}
+
+
+def plot_gold_terms(ax, terms: Dict[str, Dict[str, float]]):
+    """Each policy's mean gold reward per answer as two bars side by side, content and style, with
+    their sum marked: where a policy's reward comes from. `terms` as gold_terms returns it."""
+    names = list(terms)
+    xs = range(len(names))
+    for offset, part, colour in ((-0.2, "content", "tab:blue"), (0.2, "style", "tab:orange")):
+        ax.bar([x + offset for x in xs], [terms[n][part] for n in names], width=0.38, color=colour,
+               label=f"{part} term" + (" (correctness)" if part == "content" else " (tone, length, ...)"))
+    ax.plot(list(xs), [terms[n]["content"] + terms[n]["style"] for n in names], "kD", label="gold (their sum)")
+    ax.axhline(0, color="black", lw=0.6)
+    ax.axhline(task.MAX_GOLD, color="grey", lw=0.8, ls=":")
+    ax.set_xticks(list(xs), names)
+    ax.set_ylabel("mean per answer (test prompts)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=6.5, loc="upper right")
+
+
 def over_optimisation(ppo_dir: str, run_dir: str) -> List[dict]:
     """Gold and RM reward of the policy at each PPO evaluation, against its KL from the SFT model:
     a table in results and a PNG plot in the run directory."""

@@ -64,7 +64,7 @@ def main(argv=None):
     ap = parser(__doc__)
     ap.add_argument("--sft", required=True, help="the SFT run every reward model starts from")
     ap.add_argument("--recipes", nargs="+", default=list(RECIPES), metavar="NAME",
-                    help="recipes to run (default: all): " + "; ".join(RECIPES))
+                    help="recipes to run (default: all): " + "; ".join(RECIPES).replace("%", "%%"))
     ap.add_argument("--seed", type=int, default=0, help="seeds the data and the training (the SFT run's seed)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("-n", "--name", default="rm", help="experiment name: runs/study_<name>_<stamp>/")

@@ -1,4 +1,6 @@
-"""Shared test helpers: tiny configs, randomised weights, and running the CLIs as subprocesses."""
+"""Shared test helpers: tiny configs, randomised weights, running the CLIs as subprocesses, and the
+quick pipeline run that test_pipeline.py and test_report.py share."""
+import json
 import os
 import subprocess
 import sys
@@ -41,3 +43,22 @@ def run_script(script: str, *args, env=None, timeout=600, cwd=None):
 def tiny_config():
     from configs import ModelConfig
     return ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=128)
+
+
+def run_pipeline(out_dir, *args, timeout=600, kind="pipeline"):
+    """`python src/pipeline.py --out-dir OUT_DIR --device cpu args...`; returns (run directory, its
+    results.json, stdout)."""
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "src", "pipeline.py"), "--out-dir", str(out_dir),
+                        "--device", "cpu", *args], capture_output=True, text=True, timeout=timeout, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (run_dir,) = [os.path.join(out_dir, d) for d in os.listdir(out_dir) if d.startswith(kind + "_")]
+    with open(os.path.join(run_dir, "results.json")) as f:
+        return run_dir, json.load(f), r.stdout
+
+
+@pytest.fixture(scope="session")
+def quick(tmp_path_factory):
+    """The quick plan's pipeline run (about 4.5 minutes on 2 cores): made once per test session,
+    whichever test file asks first, and only read afterwards."""
+    return run_pipeline(tmp_path_factory.mktemp("quick"), "--plan", "quick")

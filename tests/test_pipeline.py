@@ -7,17 +7,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_pipeline(out_dir, *args, timeout=600, kind="pipeline"):
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "src", "pipeline.py"), "--out-dir", str(out_dir),
-                        "--device", "cpu", *args], capture_output=True, text=True, timeout=timeout, env=env)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    (run_dir,) = [os.path.join(out_dir, d) for d in os.listdir(out_dir) if d.startswith(kind + "_")]
-    with open(os.path.join(run_dir, "results.json")) as f:
-        return run_dir, json.load(f), r.stdout
+from conftest import ROOT, run_pipeline  # and the `quick` fixture: one quick pipeline run per session
 
 
 def row(results, a, b, judge, phrasing=None):
@@ -25,11 +15,6 @@ def row(results, a, b, judge, phrasing=None):
     (r,) = [r for r in rows if (r["a"], r["b"]) == (a, b) and r.get("phrasing") == phrasing
             and (r["judge"] == judge or judge == "rm" and r["judge"].startswith("rm:"))]
     return r
-
-
-@pytest.fixture(scope="module")
-def quick(tmp_path_factory):
-    return run_pipeline(tmp_path_factory.mktemp("quick"), "--plan", "quick")
 
 
 def test_quick_pipeline_ppo_beats_sft_under_the_gold_reward(quick):
