@@ -43,6 +43,7 @@ class ModelConfig:
     lora_dropout: float = 0.0  # dropout on the LoRA branch input
     lora_targets: tuple = LORA_TARGETS  # projections that get adapters (subset of LORA_TARGETS)
     gradient_checkpointing: bool = False  # recompute block activations in backward to save memory
+    score_mean_with_padding: bool = False  # RM score = head's mean over all positions, pads too (the original's)
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -145,7 +146,14 @@ class TrainConfig:
 @dataclass
 class PPOConfig:
     """PPO for language models (Ziegler et al. 2019; Stiennon et al. 2020; defaults and details as in
-    Huang et al. 2024, "The N+ implementation details of RLHF with PPO"); the algorithm is src/ppo.py."""
+    Huang et al. 2024, "The N+ implementation details of RLHF with PPO"); the algorithm is src/ppo.py.
+
+    `advantage` picks what each token is credited with (ppo.advantages): gae, PPO's per-token GAE
+    from a critic; rloo (Ahmadian et al. 2024), each of rloo_k samples of a prompt gets its reward
+    minus the mean reward of the other k - 1, and no critic is trained; sequence, the original
+    project's: one gradient step on the whole rollout, every token of a response credited with its
+    reward minus V(prompt). rollout_top_k > 0 is the original's sampling mismatch: rollouts come
+    from the top-k tokens, while old, new and reference log-probs are of the full softmax."""
 
     rollout_batch_size: int = 32  # prompts per rollout on each process
     minibatch_size: int = 8  # sequences per PPO minibatch (must divide rollout_batch_size)
@@ -166,17 +174,52 @@ class PPOConfig:
     reward_clip: Optional[float] = None  # clip (normalised) scores to +-reward_clip
     whiten_rewards: bool = False  # whiten per-token rewards over the batch, keeping their mean
     eval_samples: int = 64  # held-out prompts scored at every evaluation
+    advantage: str = "gae"  # gae (critic + GAE) | rloo (leave-one-out baseline, no critic) | sequence (the original's)
+    rloo_k: int = 4  # rloo: samples per prompt; a rollout answers rollout_batch_size / rloo_k prompts
+    rollout_top_k: Optional[int] = None  # sample from the top k, log-probs of the full softmax (original: 50)
 
     def __post_init__(self):
+        if self.advantage not in ADVANTAGES:
+            raise UserError(f"--advantage {self.advantage!r}: use one of {', '.join(ADVANTAGES)}")
         check_ranges(self, {"rollout_batch_size": ">= 1", "minibatch_size": ">= 1", "ppo_epochs": ">= 1",
                             "max_new_tokens": ">= 1", "temperature": "> 0", "kl_coef": ">= 0", "target_kl": "> 0",
                             "kl_horizon": ">= 1", "gamma": "in [0, 1]", "lam": "in [0, 1]", "cliprange": "> 0",
                             "cliprange_value": "> 0", "actor_lr": "> 0", "critic_lr": "> 0", "reward_clip": "> 0",
                             "missing_eos_penalty": ">= 0",
-                            "eval_samples": ">= 1"})
+                            "eval_samples": ">= 1", "rollout_top_k": ">= 1"})
         if self.rollout_batch_size % self.minibatch_size:
             raise UserError(f"--minibatch-size {self.minibatch_size} must divide "
                             f"--rollout-batch-size {self.rollout_batch_size}")
+        if self.advantage == "rloo" and (self.rloo_k < 2 or self.rollout_batch_size % self.rloo_k):
+            raise UserError(f"--rloo-k {self.rloo_k} must be at least 2 and divide --rollout-batch-size "
+                            f"{self.rollout_batch_size}")
+
+    @property
+    def prompts_per_rollout(self) -> int:
+        """Prompts drawn for one rollout: rollout_batch_size, or for RLOO rollout_batch_size / rloo_k,
+        each answered rloo_k times (the same number of samples per step as PPO)."""
+        return self.rollout_batch_size // self.rloo_k if self.advantage == "rloo" else self.rollout_batch_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+ADVANTAGES = ("gae", "rloo", "sequence")  # PPOConfig.advantage
+
+
+@dataclass
+class DPOConfig:
+    """Preference optimisation without a reward model: the policy's log-ratio to the reference (SFT)
+    policy is the implicit reward (src/trainers.py DPOStage). h = [log pi(y_c) - log ref(y_c)] -
+    [log pi(y_r) - log ref(y_r)] for a pair's chosen y_c and rejected y_r."""
+
+    loss: str = "dpo"  # dpo: -log sigmoid(beta h) (Rafailov et al. 2023) | ipo: (h - 1/(2 beta))^2 (Azar et al. 2023)
+    beta: float = 0.1  # implicit reward = beta * log-ratio (higher: stay nearer the reference); IPO's margin 1/(2 beta)
+
+    def __post_init__(self):
+        if self.loss not in ("dpo", "ipo"):
+            raise UserError(f"--loss {self.loss!r}: use dpo or ipo")
+        check_ranges(self, {"beta": "> 0"})
 
     def to_dict(self) -> dict:
         return asdict(self)

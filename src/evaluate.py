@@ -10,6 +10,10 @@ or at "\\n\\nHuman:"); a judge then compares two models' answers prompt by promp
                       gold:correctness and gold:style score its two parts alone
   function:MOD:ATTR   any fn(prompt, response) -> float; the response text ends with "<|endoftext|>"
                       when the model emitted EOS; MOD is imported from src/ or the current directory
+  position-biased:P:SPEC  a simulated chat judge that says "B" with probability P whatever the answers,
+                      else the verdict of the score judge SPEC: what a position bias does to a protocol
+--fixed-order asks a chat judge about each pair once, the first model of each comparison (the newer one)
+always shown as B: the original project's protocol, kept to measure how much it inflates a win-rate.
 Answers and verdicts are cached in --cache-dir: a rerun with another judge generates nothing, a changed
 model is never served stale answers, and a killed run resumes without asking the judge anything twice.
 Output: a Markdown table on stdout; results.json, generations.jsonl and judgments.jsonl in the
@@ -140,7 +144,7 @@ def model_fingerprint(model: GPT) -> str:
     """sha256 of the weights actually loaded (every tensor of the state dict, LoRA adapters included)
     and of the config fields that change the function they compute."""
     h = hashlib.sha256()
-    skip = ("dropout", "lora_dropout", "gradient_checkpointing", "pretrained")
+    skip = ("dropout", "lora_dropout", "gradient_checkpointing", "pretrained", "score_mean_with_padding")
     h.update(json.dumps({k: v for k, v in model.config.to_dict().items() if k not in skip}, sort_keys=True).encode())
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().cpu().contiguous()
@@ -207,7 +211,9 @@ def generate_answers(models: Dict[str, object], prompts: List[str], params: GenP
                      device="cpu", precision: str = "fp32", cache_path: Optional[str] = None):
     """Each model's answer to each prompt: ({name: [answer per prompt]}, {name: model info}).
 
-    `models` maps a name to a path / hub name (see load_lm) or to a GPT in memory. Answers are cached
+    `models` maps a name to a path / hub name (see load_lm), to a GPT in memory, or to an answer source:
+    an object whose `.answers(prompts, params, device, precision, cache_path)` returns (answers, info),
+    such as best_of_n.BestOfN, which answers with the best of n samples of a policy. Answers are cached
     in `cache_path` (JSON lines) under the model's fingerprint, the prompt, every generation setting
     (the effective budget, device type and precision included) and the seed. Prompts are generated in
     batches of consecutive prompts, left padded. A batch's random stream is seeded from the seed and the
@@ -222,6 +228,9 @@ def generate_answers(models: Dict[str, object], prompts: List[str], params: GenP
     prompt_ids = tok.encode_batch(prompts, allow_special=False)
     answers, infos = {}, {}
     for name, spec in models.items():
+        if hasattr(spec, "answers"):  # an answer source that samples through this function (best_of_n.BestOfN)
+            answers[name], infos[name] = spec.answers(prompts, params, device, precision, cache_path)
+            continue
         model, desc = (spec, {"source": "<in memory>"}) if isinstance(spec, GPT) else load_lm(spec, f"model {name}")
         home, was_training = next(model.parameters()).device, model.training
         block = model.config.block_size
@@ -322,7 +331,8 @@ def _ask_all(judge: ChatJudge, requests: Dict[str, tuple], cache: JsonlCache, ma
 
 
 def judge_comparisons(prompts: List[str], answers: Dict[str, List[dict]], comparisons: List[Tuple[str, str]],
-                      judge, cache_path: Optional[str] = None, max_concurrency: int = 4) -> Dict[str, List[dict]]:
+                      judge, cache_path: Optional[str] = None, max_concurrency: int = 4,
+                      fixed_order: bool = False) -> Dict[str, List[dict]]:
     """One record per prompt for each comparison (a, b), keyed "a:b":
     outcome ("win" | "tie" | "loss" for a, None when a verdict could not be read), identical (the two
     answers are the same text), and
@@ -332,6 +342,8 @@ def judge_comparisons(prompts: List[str], answers: Dict[str, List[dict]], compar
       unreadable (None, or why the reply could not be read: judges.why_unreadable); consistent (the two
       orders agree; None if not both readable); status "judged" or "unreadable" (outcome None).
       Identical answers are a tie without asking the judge (verdicts None, status "identical").
+      fixed_order (the original's protocol): only the order with a's answer second (as B) is asked and
+      decides alone; the records say fixed_order True and hold None for the order not asked.
     Chat verdicts come from and go to `cache_path`, so no readable (pair, order) is ever asked twice."""
     for a, b in comparisons:
         for name in (a, b):
@@ -352,9 +364,11 @@ def judge_comparisons(prompts: List[str], answers: Dict[str, List[dict]], compar
     for a, b in comparisons:
         for p, x, y in zip(prompts, answers[a], answers[b]):
             if x["text"].strip() != y["text"].strip():
-                requests[judge.key(p, x["text"], y["text"])] = (p, x["text"], y["text"])
+                if not fixed_order:
+                    requests[judge.key(p, x["text"], y["text"])] = (p, x["text"], y["text"])
                 requests[judge.key(p, y["text"], x["text"])] = (p, y["text"], x["text"])
     _ask_all(judge, requests, cache, max_concurrency)
+    not_asked = {"finish_reason": "not_asked", "asks": 0}
     results = {}
     for a, b in comparisons:
         records = []
@@ -363,19 +377,30 @@ def judge_comparisons(prompts: List[str], answers: Dict[str, List[dict]], compar
                 records.append({"i": i, "outcome": "tie", "identical": True, "verdicts": None, "consistent": None,
                                 "status": "identical"})
                 continue
-            asked = [cache.get(judge.key(p, x["text"], y["text"])) or {"finish_reason": "not_asked", "asks": 0},
-                     cache.get(judge.key(p, y["text"], x["text"])) or {"finish_reason": "not_asked", "asks": 0}]
-            verdicts = [r.get("verdict") if r.get("verdict") in ("A", "B", "tie") else None for r in asked]
-            outcome, consistent = _outcome(*verdicts)
+            asked = [None if fixed_order else cache.get(judge.key(p, x["text"], y["text"])) or not_asked,
+                     cache.get(judge.key(p, y["text"], x["text"])) or not_asked]
+            verdicts = [r.get("verdict") if r and r.get("verdict") in ("A", "B", "tie") else None for r in asked]
+            if fixed_order:  # a is B: "B" is a win for a, "A" a loss
+                outcome, consistent = {"B": "win", "A": "loss", "tie": "tie", None: None}[verdicts[1]], None
+            else:
+                outcome, consistent = _outcome(*verdicts)
+            asked = [r or {"asks": 0} for r in asked]  # the order a fixed-order protocol never asks
             records.append({"i": i, "outcome": outcome, "identical": False, "consistent": consistent,
                             "verdicts": verdicts, "replies": [r.get("reply") for r in asked],
                             "finish_reasons": [r.get("finish_reason") for r in asked],
                             "asks": [r.get("asks", 1) for r in asked],
-                            "unreadable": [why_unreadable(v, r.get("reply"), r.get("finish_reason"))
-                                           for v, r in zip(verdicts, asked)],
-                            "status": "unreadable" if outcome is None else "judged"})
+                            "unreadable": [None if k == 0 and fixed_order else
+                                           why_unreadable(v, r.get("reply"), r.get("finish_reason"))
+                                           for k, (v, r) in enumerate(zip(verdicts, asked))],
+                            "status": "unreadable" if outcome is None else "judged",
+                            **({"fixed_order": True} if fixed_order else {})})
         results[f"{a}:{b}"] = records
     return results
+
+
+def _asked_verdicts(record: dict):
+    """(order, verdict) of the orders the judge was asked about: both, or with fixed_order the second."""
+    return [(k, v) for k, v in enumerate(record["verdicts"]) if not (k == 0 and record.get("fixed_order"))]
 
 
 def unreadable_counts(records: List[dict]) -> dict:
@@ -387,7 +412,7 @@ def unreadable_counts(records: List[dict]) -> dict:
         if r.get("identical") or not r.get("verdicts"):
             continue
         why = r.get("unreadable") or [None, None]
-        for k, v in enumerate(r["verdicts"]):
+        for k, v in _asked_verdicts(r):
             if v is None:
                 per_order[k] += 1
                 reasons[why[k] or "unknown"] = reasons.get(why[k] or "unknown", 0) + 1
@@ -470,7 +495,7 @@ def summarize(records: List[dict], answers_a: Optional[List[dict]] = None, answe
                    mean_score_a=_mean(r["scores"][0] for r in records),
                    mean_score_b=_mean(r["scores"][1] for r in records))
     else:
-        verdicts = [v for r in records if r["verdicts"] for v in r["verdicts"]]
+        verdicts = [v for r in records if r["verdicts"] for _, v in _asked_verdicts(r)]
         decisive = [v for v in verdicts if v in ("A", "B")]
         out.update(consistency=_mean(r["consistent"] for r in records if r["consistent"] is not None),
                    unparseable_answers=sum(v is None for v in verdicts),
@@ -519,11 +544,12 @@ def default_comparisons(names: Sequence[str]) -> List[Tuple[str, str]]:
 def evaluate(models: Dict[str, object], prompts: List[str], judges: list, comparisons=None,
              out_dir: Optional[str] = None, cache_dir: Optional[str] = None, params: GenParams = GenParams(),
              device="cpu", precision: str = "fp32", max_concurrency: int = 4, n_boot: int = 10000,
-             config: Optional[dict] = None, clusters: Optional[Sequence] = None) -> dict:
+             config: Optional[dict] = None, clusters: Optional[Sequence] = None, fixed_order: bool = False) -> dict:
     """Generate, judge, summarise. Writes generations.jsonl, judgments.jsonl and results.json to
     `out_dir` (if given), prints the Markdown table on stdout, and returns the results dict
     {"config", "models", "prompts", "results": [summary + judge, a, b per (judge, comparison)]}.
-    `clusters` (one label per prompt) makes the intervals resample clusters of prompts (see bootstrap_ci)."""
+    `clusters` (one label per prompt) makes the intervals resample clusters of prompts (see bootstrap_ci);
+    `fixed_order` asks chat judges one order only, a's answer as B (see judge_comparisons)."""
     if not prompts:
         raise UserError("no prompts to evaluate on")
     comparisons = list(comparisons or default_comparisons(list(models)))
@@ -533,7 +559,8 @@ def evaluate(models: Dict[str, object], prompts: List[str], judges: list, compar
     answers, infos = generate_answers(models, prompts, params, device, precision, cache("generations.jsonl"))
     rows, judgments = [], []
     for judge in judges:
-        records = judge_comparisons(prompts, answers, comparisons, judge, cache("verdicts.jsonl"), max_concurrency)
+        records = judge_comparisons(prompts, answers, comparisons, judge, cache("verdicts.jsonl"), max_concurrency,
+                                    fixed_order)
         for a, b in comparisons:
             summary = summarize(records[f"{a}:{b}"], answers[a], answers[b], n_boot, params.seed, clusters)
             rows.append({"judge": judge.name, "a": a, "b": b, **summary})
@@ -597,6 +624,10 @@ def build_parser():
     g.add_argument("--max-retries", type=int, default=8, help="retries per judge request (429, 5xx, timeouts)")
     g.add_argument("--max-concurrency", type=int, default=4, help="judge requests in flight at once")
     g.add_argument("--judge-max-tokens", type=int, default=512, help="longest judge reply")
+    g.add_argument("--fixed-order", action="store_true",
+                   help="ask a chat judge about each pair once, the first model of the comparison (the newer one) "
+                        "always shown as B: the original's protocol, biased by any position preference of the "
+                        "judge (default: both orders, a verdict that flips is a tie)")
     g.add_argument("--n-boot", type=int, default=10000, help="bootstrap resamples for the confidence interval")
     g.add_argument("--clusters", default="auto", choices=("auto", "prompt", "fact"),
                    help="what the interval's bootstrap resamples: prompts, or the synthetic task's facts (prompts "
@@ -699,7 +730,7 @@ def main(argv=None):
     log(f"{len(prompts)} prompts from {args.prompts}; models: {', '.join(models)}; "
         f"comparisons: {', '.join(config['comparisons'])}; judges: {', '.join(judges)}")
     evaluate(models, prompts, list(judges.values()), comparisons, out_dir, args.cache_dir, params, device, precision,
-             args.max_concurrency, args.n_boot, config, clusters)
+             args.max_concurrency, args.n_boot, config, clusters, args.fixed_order)
     log(f"results: {os.path.join(out_dir, 'results.json')}")
     return 0
 

@@ -480,11 +480,19 @@ class ValueModel(nn.Module):
 
 
 class RewardModel(ValueModel):
-    """The reward model: the head read at the last real token of each sequence (its EOS)."""
+    """The reward model: the head read at the last real token of each sequence (its EOS), or, with
+    config.score_mean_with_padding, the original project's score: the head's mean over every position
+    of the padded batch, padding included (so a sequence's score depends on its batch's padding)."""
 
     def score(self, idx, attention_mask):
         """(B, T) ids with left or right padding -> (B,) rewards."""
-        return gather_last(self(idx, attention_mask), attention_mask)
+        return self.readout(self(idx, attention_mask), attention_mask)
+
+    def readout(self, values, attention_mask):
+        """The per-position head values (B, T) -> the (B,) scores (training and scoring both read them here)."""
+        if self.config.score_mean_with_padding:
+            return values.mean(dim=1)
+        return gather_last(values, attention_mask)
 
 
 def gather_last(values, attention_mask):

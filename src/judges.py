@@ -2,7 +2,8 @@
 
 There are two kinds (a judge's `.kind`):
   pairwise  ChatJudge, an OpenAI-compatible chat model at temperature 0, shown the prompt and both
-            answers and asked for a verdict: A, B or tie
+            answers and asked for a verdict: A, B or tie; PositionBiasedJudge, a simulated one whose
+            bias towards position B is known (position-biased:P:SPEC)
   score     ScoreJudge, which scores each answer on its own; the higher score wins:
               rm:RUN_DIR          a reward model, reading prompt + response + EOS as it was trained
               gold                the synthetic task's gold reward (task.gold_reward), on the answer text
@@ -185,6 +186,51 @@ def why_unreadable(verdict: Optional[str], reply: Optional[str], finish: Optiona
     return "empty" if not (reply or "").strip() else "no_verdict"
 
 
+class PositionBiasedJudge:
+    """A simulated pairwise judge with a known position bias, to measure what a judging protocol does
+    with one: asked about (prompt, first, second) it answers "B" with probability p_b whatever the
+    answers, and otherwise the truth of `score(prompt, text)`: the higher score wins, equal scores tie.
+    The coin is a hash of the question (and `seed`), so the same question always gets the same answer,
+    like a chat judge at temperature 0, and its verdicts cache like one's. The judge sees texts only:
+    a score function of the synthetic task scores them as answers that ended."""
+
+    kind = "pairwise"
+    server = "(simulated)"
+
+    def __init__(self, score: Callable[[str, str], float], p_b: float, name: str = "function", seed: int = 0):
+        if not 0 <= p_b <= 1:
+            raise UserError(f"position-biased judge: P(B) must be in [0, 1], got {p_b}")
+        self.score, self.p_b, self.seed = score, p_b, seed
+        self.name = f"position-biased:{p_b:g}:{name}"
+
+    def key(self, prompt: str, first: str, second: str) -> str:
+        return json_sha256([CACHE_VERSION, self.name, self.seed, prompt, first, second])
+
+    def ask(self, prompt: str, first: str, second: str) -> Tuple[Optional[str], str, Optional[str]]:
+        """(verdict, reply, finish reason), as ChatJudge.ask."""
+        coin = int(json_sha256(["coin", self.seed, prompt, first, second])[:13], 16) / 16 ** 13  # uniform [0, 1)
+        if coin < self.p_b:
+            return "B", "[[B]] (position bias)", "stop"
+        a, b = self.score(prompt, first), self.score(prompt, second)
+        verdict = "A" if a > b else "B" if b > a else "tie"
+        return verdict, f"[[{verdict}]] (scores {a:g} vs {b:g})", "stop"
+
+
+def position_biased_judge(spec: str, **kw) -> PositionBiasedJudge:
+    """position-biased:P:SPEC, SPEC a score judge (gold, rm:RUN_DIR, function:MODULE:ATTR)."""
+    p, _, inner = spec[len("position-biased:"):].partition(":")
+    try:
+        p_b = float(p)
+    except ValueError:
+        raise UserError(f"--judge {spec}: expected position-biased:P:SPEC with P a probability, e.g. "
+                        f"position-biased:0.3:gold") from None
+    judge = make_judge(inner, **kw)
+    if judge.kind != "score":
+        raise UserError(f"--judge {spec}: the truth of a position-biased judge must be a score judge, not {inner}")
+    return PositionBiasedJudge(lambda prompt, text: judge.score_fn([prompt], [{"text": text, "ended": True}])[0],
+                               p_b, judge.name)
+
+
 # -----------------------------------------------------------------------------
 # Score judges
 
@@ -256,7 +302,8 @@ def rm_judge(run_dir: str, device="cpu", precision="fp32", batch_size: int = 16)
 # A judge from its --judge spec
 
 
-JUDGE_FORMS = "openai, rm:RUN_DIR, gold, gold:correctness, gold:style, function:MODULE:ATTR"
+JUDGE_FORMS = ("openai, rm:RUN_DIR, gold, gold:correctness, gold:style, function:MODULE:ATTR, "
+               "position-biased:P:SPEC (simulated: says B with probability P, else SPEC's verdict)")
 # The synthetic task's true reward, and its two parts (task.py), scored on the answer text and the
 # generation's own EOS flag.
 GOLD_JUDGES = {"gold": "gold_reward", "gold:correctness": "correctness", "gold:style": "style"}
@@ -289,6 +336,8 @@ def make_judge(spec: str, judge_model: str = "gpt-4o-mini", base_url: Optional[s
     """A judge from its --judge spec (see JUDGE_FORMS)."""
     if spec == "openai":
         return ChatJudge(judge_model, api_key(key_file), base_url, timeout, max_retries, max_tokens)
+    if spec.startswith("position-biased:"):
+        return position_biased_judge(spec, device=device, precision=precision, batch_size=batch_size)
     if spec.startswith("rm:"):
         return rm_judge(spec[3:], device, precision, batch_size)
     if spec in GOLD_JUDGES:

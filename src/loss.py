@@ -4,9 +4,10 @@ Every function takes a mask: 1 on tokens that count, 0 on padding and on everyth
 response's EOS. Nothing here looks at pad ids.
 
 References: language-model cross-entropy; Bradley–Terry pairwise ranking loss and its K-wise form
-(Ouyang et al. 2022, eq. 1); PPO-clip (Schulman et al. 2017) with a clipped value loss and GAE
-(Schulman et al. 2016) as used for RLHF by Ziegler et al. 2019 and Huang et al. 2023/2024;
-KL estimators k1/k3 from Schulman, "Approximating KL divergence" (2020).
+(Ouyang et al. 2022, eq. 1); DPO (Rafailov et al. 2023) and IPO (Azar et al. 2023); PPO-clip
+(Schulman et al. 2017) with a clipped value loss and GAE (Schulman et al. 2016) as used for RLHF by
+Ziegler et al. 2019 and Huang et al. 2023/2024; the leave-one-out baseline of RLOO (Kool et al. 2019,
+Ahmadian et al. 2024); KL estimators k1/k3 from Schulman, "Approximating KL divergence" (2020).
 """
 from typing import Optional
 
@@ -309,6 +310,59 @@ def pairwise_accuracy(r_chosen, r_rejected):
 
 
 # -----------------------------------------------------------------------------
+# Direct preference optimisation
+
+
+def sequence_logprobs(weight, hidden, input_ids, loss_mask, chunk_rows: Optional[int] = None):
+    """sum_t log p(input_ids[b, t] | input_ids[b, :t]) over the tokens marked in loss_mask, per row: (B,) fp32.
+
+    hidden (B, T, C), weight (V, C) and loss_mask (B, T) as for lm_loss (position t is predicted from
+    hidden[:, t-1]); the log-probs come from the fused linear_logprobs, so no (N, V) logits are kept."""
+    h, targets = _targets(hidden, input_ids, loss_mask)  # (N, C), (N,)
+    rows = loss_mask[:, 1:].bool().nonzero()[:, 0]  # (N,) the row of each target, in the same order
+    out = hidden.new_zeros(hidden.size(0), dtype=torch.float32)
+    if targets.numel() == 0:
+        return out + hidden.sum() * 0.0
+    logp, _ = linear_logprobs(h, weight, targets, 1.0, False, chunk_rows)  # (N,)
+    return out.index_add(0, rows, logp)
+
+
+def pair_loss_masks(chosen_ids, chosen_mask, rejected_ids, rejected_mask):
+    """The tokens of a preference pair that DPO scores: in each sequence, every real token from the
+    first position where chosen and rejected differ. Both share the prompt (and often the start of
+    the answer); those shared tokens have the same log-ratio in both sequences, so they cancel from
+    every DPO / IPO quantity, and leaving them out saves their output-layer work. All (B, T)."""
+    same = (chosen_ids == rejected_ids) & chosen_mask.bool() & rejected_mask.bool()  # (B, T)
+    shared = same.long().cumprod(dim=1).sum(dim=1, keepdim=True)  # (B, 1) length of the common prefix
+    after = torch.arange(chosen_ids.size(1), device=chosen_ids.device)[None] >= shared  # (B, T)
+    return (after & chosen_mask.bool()).long(), (after & rejected_mask.bool()).long()
+
+
+def _log_ratio_difference(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
+    """h = [log pi(y_c) - log ref(y_c)] - [log pi(y_r) - log ref(y_r)] (B,), and the implicit rewards
+    beta * log-ratio of each side, detached: (h, r_chosen, r_rejected)."""
+    chosen, rejected = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    return chosen - rejected, beta * chosen.detach(), beta * rejected.detach()
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float):
+    """DPO (Rafailov et al. 2023, eq. 7): -log sigmoid(beta h), averaged over pairs, where h is the
+    pair's log-ratio difference (_log_ratio_difference); inputs are sequence log-probs (B,).
+    Returns (loss, implicit reward of chosen (B,), of rejected (B,))."""
+    h, r_chosen, r_rejected = _log_ratio_difference(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    return -F.logsigmoid(beta * h).mean(), r_chosen, r_rejected
+
+
+def ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float):
+    """IPO (Azar et al. 2023, with their tau = beta): (h - 1/(2 beta))^2, averaged over pairs. Unlike
+    DPO's, whose minimum lies at h = infinity, this pulls h to a finite margin, so a deterministic
+    preference cannot drive the policy arbitrarily far from the reference. Sequence log-probs are
+    summed over tokens, as in the paper (some implementations average them). Returns as dpo_loss."""
+    h, r_chosen, r_rejected = _log_ratio_difference(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    return ((h - 1 / (2 * beta)) ** 2).mean(), r_chosen, r_rejected
+
+
+# -----------------------------------------------------------------------------
 # PPO
 
 
@@ -347,6 +401,16 @@ def gae(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
     discount = torch.where(power >= 0, (gamma * lam) ** power.clamp(min=0), torch.zeros_like(power))
     advantages = deltas @ discount.T  # (B, T): A[b, t] = sum_t' D[t, t'] delta[b, t']
     return advantages * mask, (advantages + values) * mask
+
+
+def rloo_advantages(rewards, k: int):
+    """REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024): rewards (B,) of B / k prompts,
+    each answered k times in consecutive rows -> each reward minus the mean reward of the other k - 1
+    answers to its prompt (B,). The baseline does not depend on the answer it is subtracted from, so
+    the policy gradient stays unbiased, and no critic is needed."""
+    r = rewards.view(-1, k)  # (B / k, k)
+    others = (r.sum(dim=1, keepdim=True) - r) / (k - 1)
+    return (r - others).view(-1)
 
 
 def policy_loss(logp, old_logp, advantages, mask, clip: float = 0.2):

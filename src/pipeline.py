@@ -110,7 +110,7 @@ class Timer:
         return out
 
 
-def main(argv=None):
+def build_parser():
     ap = parser(__doc__)
     ap.add_argument("-n", "--name", default="task", help="experiment name, part of the run directory")
     ap.add_argument("--preset", default="tiny", help="model preset for every stage")
@@ -134,7 +134,11 @@ def main(argv=None):
         ap.add_argument(f"--{stage}-args", default="", metavar="ARGS",
                         help=f"more flags for train_{stage}.py, after the plan's (so they win), e.g. "
                              f"--{stage}-args='--max-steps 100'")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
 
     plan = PLANS[args.plan]
     if args.data is not None:  # real data: each script's own defaults (the plans are tuned for the tiny task)

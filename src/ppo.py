@@ -7,9 +7,11 @@ Huang et al. 2023/2024 ("The N+ implementation details of RLHF with PPO") found 
 1. `collect_rollout`: the policy answers a batch of prompts; the reward model scores each answer
    (normalised, with a penalty for an answer that never ends); the policy, the frozen reference
    policy and the critic score every response token; each token is rewarded -beta * KL to the
-   reference, and the last one also gets the score; GAE turns rewards and values into advantages.
+   reference, and the last one also gets the score; GAE turns rewards and values into advantages
+   (`advantages`: or RLOO's leave-one-out baseline, without a critic, or the original project's
+   reward - V(prompt)).
 2. `ppo_update`: a few epochs over the rollout in shuffled minibatches, each one actor step on the
-   clipped policy loss and one critic step on the clipped value loss.
+   clipped policy loss and one critic step on the clipped value loss (`update_schedule`).
 3. `rollout_stats` summarises the rollout; `AdaptiveKL` adapts beta, `ScoreNormalizer` holds the
    score scale: the two pieces of state a resumed run must get back.
 
@@ -35,6 +37,7 @@ from loss import (
     masked_sum,
     masked_whiten,
     policy_loss,
+    rloo_advantages,
     shaped_rewards,
     value_loss,
 )
@@ -50,24 +53,27 @@ def _unwrap(module: nn.Module) -> nn.Module:
 class PPOModels:
     """The networks PPO runs and the forward passes it needs of them.
 
-    actor: the policy (a GPT), trained; critic: a ValueModel giving V(s_t) per position, trained;
-    ref: the frozen reference policy (the SFT model), or None when the actor is LoRA: the reference is
-    then the actor with its adapters switched off, so no second copy is held. actor and critic may be
-    wrapped for data parallelism. Every forward runs under `autocast()`, and every log-prob divides the
-    logits by the sampling temperature, so old, new and reference log-probs are of the policy sampled from.
+    actor: the policy (a GPT), trained; critic: a ValueModel giving V(s_t) per position, trained (None
+    for RLOO, which has none); ref: the frozen reference policy (the SFT model), or None when the actor
+    is LoRA: the reference is then the actor with its adapters switched off, so no second copy is held.
+    actor and critic may be wrapped for data parallelism. Every forward runs under `autocast()`, and
+    every log-prob divides the logits by the sampling temperature, so old, new and reference log-probs
+    are of the policy sampled from. `top_k` (PPOConfig.rollout_top_k) reproduces the original's
+    mismatch: samples from the top-k tokens, log-probs of the full softmax.
     """
 
-    def __init__(self, actor: nn.Module, critic: nn.Module, ref: Optional[nn.Module] = None,
-                 temperature: float = 1.0, autocast: Callable = nullcontext):
+    def __init__(self, actor: nn.Module, critic: Optional[nn.Module], ref: Optional[nn.Module] = None,
+                 temperature: float = 1.0, autocast: Callable = nullcontext, top_k: Optional[int] = None):
         self.actor, self.critic, self.ref = actor, critic, ref
-        self.temperature, self.autocast = temperature, autocast
+        self.temperature, self.autocast, self.top_k = temperature, autocast, top_k
 
     def generate(self, prompt_ids, prompt_mask, max_new_tokens: int, generator=None) -> Generation:
         """Sample from the plain softmax at the temperature (no top-k / top-p: the log-probs PPO
-        uses are of that distribution)."""
+        uses are of that distribution), unless `top_k` asks for the original's mismatch."""
         with self.autocast():
             return _unwrap(self.actor).generate(prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
-                                                temperature=self.temperature, eos_id=EOS_ID, generator=generator)
+                                                temperature=self.temperature, top_k=self.top_k, eos_id=EOS_ID,
+                                                generator=generator)
 
     def logprobs(self, tokens, attention_mask, prompt_len: int, with_entropy: bool = False, policy=None):
         """log pi(a_t | s_t) of the response tokens tokens[:, Tp:] under `policy` (default the actor):
@@ -191,11 +197,41 @@ class Rollout(NamedTuple):
     kl_k3: torch.Tensor  # (B, Tn) k3 estimate of the same KL, never negative (logged only)
     non_score_rewards: torch.Tensor  # (B, Tn) -beta * kl
     rewards: torch.Tensor  # (B, Tn) non-score rewards plus the score on each row's last token
-    advantages: torch.Tensor  # (B, Tn) GAE advantages, whitened over valid tokens
-    returns: torch.Tensor  # (B, Tn) advantages + old values: the critic's targets
+    advantages: torch.Tensor  # (B, Tn) what each token is credited with (see `advantages`)
+    returns: torch.Tensor  # (B, Tn) the critic's targets (GAE: advantages + old values)
+    value_mask: torch.Tensor  # (B, Tn) where the value loss counts (all of `response_mask`, one column, or none)
     first_order: torch.Tensor  # (B,) the order of the first update epoch, in whose minibatches the
     #                            old log-probs were computed
     generation_seconds: float  # time spent sampling
+
+
+def update_schedule(cfg: PPOConfig, n: int):
+    """(epochs, minibatch size) of the update of a rollout of n sequences: cfg's, or for the original
+    project's sequence-level variant one gradient step on the whole rollout."""
+    return (1, n) if cfg.advantage == "sequence" else (cfg.ppo_epochs, cfg.minibatch_size)
+
+
+def advantages(rewards, old_values, mask, cfg: PPOConfig):
+    """What every response token is credited with, and the critic's targets: (advantages, returns,
+    value_mask), each (B, Tn). rewards are the per-token KL-shaped rewards (score on the last token),
+    so each row's sum is its sequence reward R = score - beta * sum_t KL_t.
+    - gae: GAE over the critic's values, whitened over valid tokens; the critic regresses every
+      token's value to advantage + value.
+    - rloo: every token of a sample gets R minus the mean R of the other rloo_k - 1 samples of its
+      prompt (loss.rloo_advantages; the k samples are consecutive rows); no critic, no targets.
+    - sequence (the original's): every token gets R - V(prompt), V(prompt) the critic's value at the
+      last prompt token (column 0 of old_values); the critic regresses that one value to R.
+    """
+    if cfg.advantage == "gae":
+        adv, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        return masked_whiten(adv, mask), returns, mask
+    total = masked_sum(rewards, mask, dim=1)  # (B,) R
+    if cfg.advantage == "rloo":
+        zeros = torch.zeros_like(mask)
+        return rloo_advantages(total, cfg.rloo_k)[:, None] * mask, zeros, zeros
+    first = torch.zeros_like(mask)
+    first[:, 0] = mask[:, 0]  # V(prompt): the value read before the first response token
+    return (total - old_values[:, 0])[:, None] * mask, total[:, None] * first, first
 
 
 @torch.no_grad()
@@ -203,9 +239,13 @@ def collect_rollout(models: PPOModels, prompt_ids, prompt_mask, prompts: List[st
                     normalizer: ScoreNormalizer, kl_coef: float, cfg: PPOConfig,
                     gather: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> Rollout:
     """Sample responses to left-padded prompts (B, Tp), score them, and compute rewards and advantages.
+    With cfg.advantage "rloo" each prompt is answered cfg.rloo_k times (B * rloo_k sequences).
 
     `gather(t)` concatenates t from every data-parallel process: the score normaliser is fitted on
     all of the first rollout's finished answers."""
+    if cfg.advantage == "rloo":  # k consecutive rows per prompt, as rloo_advantages expects
+        prompt_ids, prompt_mask = (t.repeat_interleave(cfg.rloo_k, dim=0) for t in (prompt_ids, prompt_mask))
+        prompts = [p for p in prompts for _ in range(cfg.rloo_k)]
     t0 = time.time()
     gen = models.generate(prompt_ids, prompt_mask, cfg.max_new_tokens)
     generation_seconds = time.time() - t0
@@ -222,29 +262,30 @@ def collect_rollout(models: PPOModels, prompt_ids, prompt_mask, prompts: List[st
     # anything else would mean rollout and update disagree (Huang et al. 2024).
     first_order = torch.randperm(tokens.size(0), device=tokens.device)
     old_logp, ref_logp, old_values = (torch.zeros_like(mask) for _ in range(3))  # (B, Tn) each
-    for mb in first_order.split(cfg.minibatch_size):
+    for mb in first_order.split(update_schedule(cfg, tokens.size(0))[1]):
         old_logp[mb] = models.logprobs(tokens[mb], attn[mb], Tp)[0]
         ref_logp[mb] = models.ref_logprobs(tokens[mb], attn[mb], Tp)
-        old_values[mb] = models.values(tokens[mb], attn[mb], Tp)
+        if models.critic is not None:
+            old_values[mb] = models.values(tokens[mb], attn[mb], Tp)
 
     kl, kl_k3 = kl_estimates(old_logp, ref_logp)  # (B, Tn) each
     rewards, non_score = shaped_rewards(scores, kl, mask, kl_coef)  # r_t = -beta KL_t, + score at EOS
     if cfg.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
-    advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-    advantages = masked_whiten(advantages, mask)
+    adv, returns, value_mask = advantages(rewards, old_values, mask, cfg)
     return Rollout(tokens, attn, Tp, mask, ended, raw, scores, old_logp, ref_logp, old_values, kl, kl_k3,
-                   non_score, rewards, advantages, returns, first_order, generation_seconds)
+                   non_score, rewards, adv, returns, value_mask, first_order, generation_seconds)
 
 
 # -----------------------------------------------------------------------------
 # 2. Update
 
 
-def ppo_update(rollout: Rollout, models: PPOModels, cfg: PPOConfig,
-               actor_step: Callable[[torch.Tensor], float], critic_step: Callable[[torch.Tensor], float]) -> dict:
-    """cfg.ppo_epochs passes over the rollout in shuffled minibatches of cfg.minibatch_size: each
-    minibatch one actor step on PPO's clipped surrogate and one critic step on the clipped value loss.
+def ppo_update(rollout: Rollout, models: PPOModels, cfg: PPOConfig, actor_step: Callable[[torch.Tensor], float],
+               critic_step: Optional[Callable[[torch.Tensor], float]] = None) -> dict:
+    """cfg.ppo_epochs passes over the rollout in shuffled minibatches of cfg.minibatch_size (see
+    update_schedule): each minibatch one actor step on PPO's clipped surrogate and, when there is a
+    critic, one critic step on the clipped value loss.
 
     `actor_step(loss)` / `critic_step(loss)` take the gradient of the loss and step that model's
     optimizer, returning the gradient norm (the Trainer's, which owns precision and data parallelism).
@@ -253,9 +294,10 @@ def ppo_update(rollout: Rollout, models: PPOModels, cfg: PPOConfig,
     r, Tp = rollout, rollout.prompt_len
     sums: Dict[str, float] = {}
     first_ratio_max_dev, n_updates = None, 0
-    for epoch in range(cfg.ppo_epochs):
+    epochs, minibatch_size = update_schedule(cfg, r.tokens.size(0))
+    for epoch in range(epochs):
         order = r.first_order if epoch == 0 else torch.randperm(r.tokens.size(0), device=r.tokens.device)
-        for mb in order.split(cfg.minibatch_size):
+        for mb in order.split(minibatch_size):
             tokens, attn, mask = r.tokens[mb], r.attention_mask[mb], r.response_mask[mb]  # (b, T), (b, T), (b, Tn)
             logp, entropy = models.logprobs(tokens, attn, Tp, with_entropy=True)  # (b, Tn) each
             pg_loss, pg_stats = policy_loss(logp, r.old_logprobs[mb], r.advantages[mb], mask, cfg.cliprange)
@@ -263,12 +305,14 @@ def ppo_update(rollout: Rollout, models: PPOModels, cfg: PPOConfig,
             if first_ratio_max_dev is None:
                 ratio = torch.exp(logp.detach() - r.old_logprobs[mb])
                 first_ratio_max_dev = ((ratio - 1).abs() * mask).max().item()
-            values = models.values(tokens, attn, Tp)  # (b, Tn)
-            v_loss, v_clipfrac = value_loss(values, r.old_values[mb], r.returns[mb], mask, cfg.cliprange_value)
-            critic_norm = critic_step(v_loss)
-            step = {"policy_loss": pg_loss.item(), "value_loss": v_loss.item(), "vf_clipfrac": v_clipfrac.item(),
-                    "entropy": masked_mean(entropy, mask).item(), "actor_grad_norm": actor_norm,
-                    "critic_grad_norm": critic_norm, **{k: v.item() for k, v in pg_stats.items()}}
+            step = {"policy_loss": pg_loss.item(), "entropy": masked_mean(entropy, mask).item(),
+                    "actor_grad_norm": actor_norm, **{k: v.item() for k, v in pg_stats.items()}}
+            if models.critic is not None:
+                values = models.values(tokens, attn, Tp)  # (b, Tn)
+                v_loss, v_clipfrac = value_loss(values, r.old_values[mb], r.returns[mb], r.value_mask[mb],
+                                                cfg.cliprange_value)
+                step |= {"value_loss": v_loss.item(), "vf_clipfrac": v_clipfrac.item(),
+                         "critic_grad_norm": critic_step(v_loss)}
             for k, v in step.items():
                 sums[k] = sums.get(k, 0.0) + v
             n_updates += 1
@@ -279,13 +323,15 @@ def rollout_stats(rollout: Rollout) -> dict:
     """Per-rollout means: raw RM score of finished answers, the rewarded score, the KL to the
     reference per sequence (k1, and k3), non-score reward, critic quality, length and EOS rate."""
     r, mask = rollout, rollout.response_mask
+    critic = {"explained_variance": explained_variance(r.old_values, r.returns, r.value_mask).item()} \
+        if r.value_mask.any() else {}  # RLOO has no critic
     return {
         "score": r.raw_scores[r.ended].mean().item() if r.ended.any() else float("nan"),
         "score_normalized": r.scores.mean().item(),
         "non_score_reward": masked_sum(r.non_score_rewards, mask, dim=1).mean().item(),
         "kl": masked_sum(r.kl, mask, dim=1).mean().item(),
         "kl_k3": masked_sum(r.kl_k3, mask, dim=1).mean().item(),
-        "explained_variance": explained_variance(r.old_values, r.returns, mask).item(),
+        **critic,
         "response_length": mask.sum(1).mean().item(),
         "eos_rate": r.ended.float().mean().item(),
     }

@@ -1,8 +1,8 @@
 """Build report.pdf, the technical report, from measured results: nothing in it is typed in by hand.
 
-Reads a pipeline run (its results.json and the config.json each stage saved) and,
-optionally, a --seeds run, a PPO run with a weaker KL penalty, an RM study run and the latest
-benchmark table; fills src/report_template.typ with tables, figures and the sentences the numbers
+Reads a pipeline run (its results.json and the config.json each stage saved) and, optionally, a
+--seeds run, a PPO run with a weaker KL penalty, an RM study run, a methods study (study.py) and the
+latest benchmark table; fills src/report_template.typ with tables, figures and the sentences the numbers
 choose; and typesets it with Typst.
 Typst, not LaTeX: its pip wheel (`typst`) holds compiler and fonts, so it installs on a fresh machine in seconds.
 The template is its own file so that the paper's layout and fixed prose read as plain Typst; this
@@ -12,9 +12,9 @@ names the command that makes them.
 Example (after `python src/pipeline.py --seeds 0,1,2` and `python benchmarks/run.py`):
   python src/report.py --run runs/seeds_task_<stamp>/seed_0 --seeds runs/seeds_task_<stamp> \\
       --benchmarks benchmarks/results/latest.md -o report.pdf
-  # and with the README's weak-KL PPO run and an RM study run:
+  # and with the README's weak-KL PPO run, an RM study run and a methods study run:
   python src/report.py --run runs/seeds_task_<stamp>/seed_0 --seeds runs/seeds_task_<stamp> \\
-      --ablation runs/ppo_lowkl_<stamp> --study runs/study_rm_<stamp> \\
+      --ablation runs/ppo_lowkl_<stamp> --study runs/study_rm_<stamp> --methods runs/study_task_<stamp> \\
       --benchmarks benchmarks/results/latest.md -o report.pdf
 """
 import os
@@ -702,6 +702,86 @@ def study_section(run_dir: str, study: Optional[dict], study_dir: Optional[str])
                                       "The study's variants and what each measured, on the dev split.")
 
 
+def load_methods(study_dir: str) -> dict:
+    """A study.py run's results.json (one row per method and switch) and its frontier figure."""
+    study = read_json(os.path.join(study_dir, "results.json"), "--methods results.json")
+    if not isinstance(study.get("rows"), list) or "judge_protocol" not in study:
+        raise UserError(f"--methods {study_dir}: its results.json is not a study.py run's (no methods rows)")
+    if not os.path.isfile(os.path.join(study_dir, "frontier.png")):
+        raise UserError(f"--methods {study_dir}: frontier.png is missing (rerun study.py with --run-dir {study_dir})")
+    return study
+
+
+def versus_sentence(row: dict, other: str = "PPO") -> str:
+    """What a method's gold win-rate against `other` says, chosen by its interval."""
+    w = row["win"]["vs_ppo"]
+    name = row["label"].split(" (")[0]
+    if w["ci95"][1] < 0.5:
+        return f"{other} beats {name} beyond noise ({_pct(1 - w['win_rate'])} of prompts)"
+    if w["ci95"][0] > 0.5:
+        return f"{name} beats {other} beyond noise ({_pct(w['win_rate'])} of prompts)"
+    return f"{name} and {other} cannot be told apart ({name} wins {_pct(w['win_rate'])})"
+
+
+def _study_rows(rows: List[dict]) -> List[List[str]]:
+    def cell(w):
+        return "–" if not w else f"{_pct(w['win_rate'])} [{_pct(w['ci95'][0])}, {_pct(w['ci95'][1])}]"
+    return [[r["label"], f"{r['gold']:.2f}", cell(r["win"].get("gold")), cell(r["win"].get("gold:correctness")),
+             cell(r["win"].get("gold:style")), cell(r["win"].get("vs_ppo")), f"{r['kl']:.2f}",
+             "–" if r["seconds"] is None else f"{r['seconds'] / 60:.1f}"] for r in rows]
+
+
+STUDY_HEADER = ["policy", "gold", "vs SFT", "correctness", "style", "vs PPO", "KL", "min"]
+
+
+def methods_section(run_dir: str, study: Optional[dict], study_dir: Optional[str], workdir: str) -> Dict[str, str]:
+    """study.py's methods table and frontier figure (results), and its switch rows (ablations), or
+    the command that makes them."""
+    if not study:
+        box = missing(
+            "No methods study was given (--methods), so PPO is not compared here with RLOO, DPO, IPO and "
+            "best-of-n, nor are the original's choices measured one at a time; those results do not exist "
+            "in this report yet. This trains and evaluates them from this run's seeds, then rebuilds it:",
+            ["python src/study.py --base runs/seeds_task_<stamp>",
+             f"python src/report.py --run {run_dir} --methods runs/study_task_<stamp> ..."])
+        return {"methods": box, "switches": box}
+    import shutil
+    shutil.copy(os.path.join(study_dir, "frontier.png"), os.path.join(workdir, "frontier.png"))
+    rows = study["rows"]
+    seeds = study["seeds"]
+    by = {r["name"]: r for r in rows}
+    methods = [r for r in rows if r["group"] == "method"]
+    best = max(methods, key=lambda r: r["gold"])
+    over = ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds))
+    text = (f"Study run {run_name(study_dir)} ({over}; every method from the same SFT model, reward model and "
+            f"preference pairs; intervals resample facts{' and seeds' if len(seeds) > 1 else ''}). "
+            f"The highest gold reward per answer is {best['label']}'s ({best['gold']:.2f}; SFT "
+            f"{by['sft']['gold']:.2f}, PPO {by['ppo']['gold']:.2f}). Against PPO under the gold reward: "
+            + "; ".join(versus_sentence(r) for r in methods if r["name"] not in ("sft", "ppo")) + ".")
+    if len(seeds) == 1:
+        text += " One seed only: the intervals do not include the variation between seeds."
+    caption = ("Every method against SFT on the test prompts: gold reward per answer; win-rates under the gold "
+               "reward and its correctness and style parts, and against PPO, with 95% intervals; KL to SFT in nats "
+               "per answer (best-of-n: analytic); minutes of the method's own compute.")
+    frontier = figure("frontier.png", "Gold reward against KL to SFT for every policy (test prompts); dashed: "
+                      "PPO's and RLOO's evaluations along training (dev prompts).", "fig-frontier")
+    methods_text = (esc(text) + "\n\n" + table(STUDY_HEADER, _study_rows(methods), caption, size="7pt")
+                    + "\n\n" + frontier)
+    switches = [r for r in rows if r["group"] == "switch"]
+    p = study["judge_protocol"]
+    sw_text = ("Each row is PPO with one of the original project's choices put back and everything else as in "
+               "the pipeline. " + "; ".join(
+                   f"{r['label'][5:]}: gold {r['gold']:.2f} against PPO's {by['ppo']['gold']:.2f}, "
+                   + versus_sentence(r) for r in switches) + ". "
+               f"A simulated judge that says B on {_pct(p['p_b'])} of questions whatever the answers, else the "
+               f"gold verdict, gives PPO {_pct(p['fixed_order']['win_rate'])} when PPO is always shown as B (the "
+               f"original's protocol) and {_pct(p['both_orders']['win_rate'])} when both orders are asked, "
+               f"against {_pct(p['truth']['win_rate'])} under the gold reward itself.")
+    sw_table = table(STUDY_HEADER, _study_rows(switches), "The original's choices, one at a time (as the "
+                     "methods table).", size="7pt")
+    return {"methods": methods_text, "switches": esc(sw_text) + "\n\n" + sw_table}
+
+
 def speed_section(blocks: Optional[List[tuple]]) -> str:
     """The benchmark file as the paper's tables: its sections, notes and tables, and the goals met."""
     if not blocks:
@@ -815,7 +895,8 @@ def fill(template: str, values: Dict[str, str]) -> str:
 
 
 def build(run_dir: str, out: str, ablation: Optional[str] = None, benchmarks: Optional[str] = None,
-          seeds: Optional[str] = None, study: Optional[str] = None, source_dir: Optional[str] = None) -> str:
+          seeds: Optional[str] = None, study: Optional[str] = None, source_dir: Optional[str] = None,
+          methods: Optional[str] = None) -> str:
     """Check every input, write the figures and the Typst source, and typeset `out`."""
     import matplotlib
     matplotlib.use("Agg")
@@ -827,6 +908,7 @@ def build(run_dir: str, out: str, ablation: Optional[str] = None, benchmarks: Op
     seeds_in = load_seeds(seeds) if seeds else None
     ablation_in = load_ablation(ablation) if ablation else None
     study_in = load_study(study) if study else None
+    methods_in = load_methods(methods) if methods else None
     blocks = parse_benchmarks(benchmarks) if benchmarks else None
     with open(TEMPLATE) as f:
         template = f.read()
@@ -845,6 +927,7 @@ def build(run_dir: str, out: str, ablation: Optional[str] = None, benchmarks: Op
             "reward_model": reward_section(results, configs, ablation_in, workdir),
             "ablation": ablation_section(run_dir, results, configs, ablation_in),
             "study": study_section(run_dir, study_in, study),
+            **methods_section(run_dir, methods_in, methods, workdir),
             "speed": speed_section(blocks),
             "limitations": limitations_section(results, configs, seeds_in, blocks),
         }
@@ -866,16 +949,17 @@ def main(argv=None):
     ap.add_argument("--seeds", default=None, help="a pipeline.py --seeds run directory (optional)")
     ap.add_argument("--ablation", default=None, help="a train_ppo.py run with a weaker KL penalty (optional)")
     ap.add_argument("--study", default=None, help="a study run directory, e.g. study_rm.py's (optional)")
+    ap.add_argument("--methods", default=None, help="a study.py run directory: methods and switches (optional)")
     ap.add_argument("--benchmarks", default=None, help="benchmarks/results/latest.md (optional)")
     ap.add_argument("--source-dir", default=None,
                     help="also keep the generated Typst source and figures there (to read or edit)")
     ap.add_argument("-o", "--out", default="report.pdf", help="the PDF to write (default: report.pdf)")
     args = ap.parse_args(argv)
     for flag, path in (("--seeds", args.seeds), ("--ablation", args.ablation), ("--study", args.study),
-                       ("--benchmarks", args.benchmarks)):
+                       ("--methods", args.methods), ("--benchmarks", args.benchmarks)):
         if path and not os.path.exists(path):
             raise UserError(f"{flag} {path}: not found")
-    print(f"wrote {build(args.run, args.out, args.ablation, args.benchmarks, args.seeds, args.study, args.source_dir)}")
+    print(f"wrote {build(args.run, args.out, args.ablation, args.benchmarks, args.seeds, args.study, args.source_dir, args.methods)}")
 
 
 if __name__ == "__main__":

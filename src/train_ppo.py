@@ -5,12 +5,20 @@ a LoRA actor it is the same backbone with the adapters switched off, so no secon
 reward model is the RM run (-c), frozen; the critic starts from the RM and gives a value per token.
 One step = one rollout batch (sample, score, GAE) followed by --ppo-epochs passes of minibatch
 updates. Every step logs reward, KL, clip fraction, entropy, value loss and timings to metrics.jsonl.
+--advantage rloo (Ahmadian et al. 2024) answers each of rollout-batch-size / --rloo-k prompts --rloo-k
+times and baselines each answer by the others' mean reward, with no critic; --advantage sequence and
+--rollout-top-k 50 are the original project's choices (see PPOConfig in src/configs.py).
 
 Examples:
   # offline, on a fresh clone, after the train_sft.py and train_rm.py examples (tiny preset)
   python src/train_ppo.py -n demo -a runs/sft_demo_<stamp> -c runs/rm_demo_<stamp> --preset tiny/lora \\
       --prompts synthetic:ppo_prompts --eval-prompts synthetic:dev_prompts --part all \\
       --rollout-batch-size 32 --minibatch-size 8 --max-new-tokens 32 --max-steps 20
+
+  # RLOO instead of PPO: 8 prompts x 4 answers per rollout, no critic (-c is still the reward)
+  python src/train_ppo.py -n rloo -a runs/sft_demo_<stamp> -c runs/rm_demo_<stamp> --preset tiny/lora \
+      --prompts synthetic:ppo_prompts --eval-prompts synthetic:dev_prompts --part all \
+      --rollout-batch-size 32 --minibatch-size 8 --max-new-tokens 32 --max-steps 20 --advantage rloo --rloo-k 4
 
   # GPT-2 medium with LoRA on the "ppo" share of HH-RLHF prompts
   python src/train_ppo.py -n hh -a runs/sft_hh_<stamp> -c runs/rm_hh_<stamp> --preset gpt2-medium/lora
@@ -60,7 +68,8 @@ def judge_scorer(spec: str):
 def main(argv=None):
     ap = parser(__doc__)
     ap.add_argument("-a", "--actor", help="SFT run or checkpoint: the initial policy and the reference")
-    ap.add_argument("-c", "--critic", help="reward-model run or checkpoint: the reward, and the critic's init")
+    ap.add_argument("-c", "--critic", help="reward-model run or checkpoint: the reward, and the critic's init "
+                                           "(RLOO: the reward only)")
     ap.add_argument("--critic-lora-rank", type=int, default=None, help="critic LoRA rank (default: the RM's)")
     ap.add_argument("--eval-judge", action="append", default=[], metavar="SPEC",
                     help="also score held-out samples with this judge at each evaluation (repeatable): gold "
@@ -79,7 +88,7 @@ def main(argv=None):
         raise UserError("PPO needs -a SFT_RUN (the policy to improve) and -c RM_RUN (the reward model)")
 
     ppo_cfg = PPOConfig(**{f.name: getattr(args, f.name) for f in fields(PPOConfig)})
-    d, train_cfg = start(args, batch_size=ppo_cfg.rollout_batch_size, grad_accum=1, lr=ppo_cfg.actor_lr)
+    d, train_cfg = start(args, batch_size=ppo_cfg.prompts_per_rollout, grad_accum=1, lr=ppo_cfg.actor_lr)
 
     # The actor: the SFT model (the preset decides LoRA; default: the SFT run's own preset).
     sft = checkpoint_info(args.actor)
@@ -102,23 +111,26 @@ def main(argv=None):
             mark_only_lora_trainable(actor)
         else:
             ref = init_model("lm", actor_cfg, args.actor, what="-a")
-        critic = init_model("value", critic_cfg, args.critic, what="-c")
-        if critic_cfg.lora_rank:
-            mark_only_lora_trainable(critic, also=("head",))
+        critic = None  # RLOO has none
+        if ppo_cfg.advantage != "rloo":
+            critic = init_model("value", critic_cfg, args.critic, what="-c")
+            if critic_cfg.lora_rank:
+                mark_only_lora_trainable(critic, also=("head",))
 
     make = functools.partial(PromptDataset, tokenizer=get_tokenizer(),
                              max_length=actor_cfg.block_size - ppo_cfg.max_new_tokens)
     train_set, eval_set = load_data(make, args, d, source="prompts", held_out="eval_prompts",
                                     eval_kw={"limit": ppo_cfg.eval_samples})
     reference = "LoRA, reference = adapters off" if ref is None else "full, frozen copy as reference"
-    print_main(d, f"actor {args.preset} ({reference}), critic from {rm_info['preset']}")
+    critic_note = f"critic from {rm_info['preset']}" if critic is not None else "no critic (RLOO)"
+    print_main(d, f"actor {args.preset} ({reference}), {critic_note}, advantage {ppo_cfg.advantage}")
 
     scorers = {spec: judge_scorer(spec) for spec in args.eval_judge}  # logged as eval/<spec>
     reward = {"reward_fn": judge_scorer(args.reward)} if args.reward else {"reward_model": rm}
     stage = PPOStage(actor, critic, ppo_cfg, ref=ref, eval_scorers=scorers, **reward)
     train(stage, args, actor_cfg, train_cfg, d, train_set, eval_set, collate_prompts,
           [("eval/score", "eval score", ".3f"), ("eval/kl", "KL", ".3f")],
-          ppo=ppo_cfg.to_dict(), critic_model=critic_cfg.to_dict())
+          ppo=ppo_cfg.to_dict(), critic_model=critic_cfg.to_dict() if critic is not None else None)
 
 
 if __name__ == "__main__":

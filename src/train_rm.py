@@ -3,7 +3,8 @@
 The score is a linear head on the hidden state of each sequence's last token (its EOS); the loss is
 -log sigmoid(r_chosen - r_rejected) (all pairs of a K-wise ranking when the data has them). The head
 is trainable even when the backbone is LoRA. Held-out loss, accuracy (chosen scored above rejected,
-ties count half) and mean margin are logged every --eval-every.
+ties count half) and mean margin are logged every --eval-every. --score-mean-with-padding makes the
+original project's reward model instead: the head's mean over every position of the padded batch.
 
 Examples:
   # offline, on a fresh clone: start from an SFT run of the tiny preset (see train_sft.py --help)
@@ -41,12 +42,16 @@ def main(argv=None):
                     help="initial weights: an SFT run/checkpoint (recommended), 'huggingface' / omitted = the "
                          "preset's GPT-2 weights (random for tiny/mini), a hub name or a transformers directory")
     ap.add_argument("--max-length", type=int, default=None, help="longest sequence (default: block size)")
+    ap.add_argument("--score-mean-with-padding", action="store_true",
+                    help="score = the head's mean over every position, padding included, as the original's RM "
+                         "(recorded in the checkpoint, so PPO and the judges score the same way); default: the "
+                         "head at the last real token (EOS)")
     add_data_args(ap, "rm", what="preference pairs")
     add_common_args(ap, {"lr": 1e-5, "epochs": 1.0, "preset": "gpt2-medium"})
     args = resumed_args(ap.parse_args(argv))
 
     d, train_cfg = start(args)
-    model_cfg = model_config(args)
+    model_cfg = model_config(args, score_mean_with_padding=args.score_mean_with_padding or None)
     make = functools.partial(PreferenceDataset, tokenizer=get_tokenizer(),
                              max_length=args.max_length or model_cfg.block_size)
     train_set, eval_set = load_data(make, args, d)

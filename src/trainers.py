@@ -1,11 +1,11 @@
-"""One training loop for SFT, reward modelling and PPO; the stages differ only in their step.
+"""One training loop for SFT, reward modelling, PPO and DPO; the stages differ only in their step.
 
-`Trainer` owns everything the three have in common: devices, data-parallel processes (DDP),
+`Trainer` owns everything the stages have in common: devices, data-parallel processes (DDP),
 mixed precision, AdamW with warmup + decay, gradient accumulation and clipping, the data order,
 periodic evaluation, logging (tqdm, metrics.jsonl, wandb), atomic checkpoints and exact resume.
-A `Stage` says what a step is: `SFTStage` and `RMStage` turn a micro-batch into a loss; `PPOStage`
-overrides the whole step, since one rollout feeds many optimizer steps, and is glue between the
-Trainer and the algorithm in ppo.py.
+A `Stage` says what a step is: `SFTStage`, `RMStage` and `DPOStage` turn a micro-batch into a loss;
+`PPOStage` overrides the whole step, since one rollout feeds many optimizer steps, and is glue
+between the Trainer and the algorithm in ppo.py.
 """
 import glob
 import json
@@ -38,11 +38,29 @@ from common import (
     resolve_device,
     write_json_atomic,
 )
-from configs import EOS_ID, TrainConfig
+from configs import EOS_ID, DPOConfig, TrainConfig
 from dataset import shard_batches
-from gpt import GPT, gather_last
-from loss import kwise_loss, lm_loss, pairwise_accuracy, pairwise_loss
-from ppo import AdaptiveKL, PPOModels, ScoreNormalizer, collect_rollout, evaluate_policy, ppo_update, rollout_stats
+from gpt import GPT, lora_disabled
+from loss import (
+    dpo_loss,
+    ipo_loss,
+    kwise_loss,
+    lm_loss,
+    pair_loss_masks,
+    pairwise_accuracy,
+    pairwise_loss,
+    sequence_logprobs,
+)
+from ppo import (
+    AdaptiveKL,
+    PPOModels,
+    ScoreNormalizer,
+    collect_rollout,
+    evaluate_policy,
+    ppo_update,
+    rollout_stats,
+    update_schedule,
+)
 
 # -----------------------------------------------------------------------------
 # Processes
@@ -238,7 +256,8 @@ class SFTStage(Stage):
 
 class RMStage(Stage):
     """Pairwise ranking loss -log sigmoid(r_chosen - r_rejected) on the score of each sequence's
-    last token (its EOS); K-wise rankings use every pair once."""
+    last token (its EOS; RewardModel.readout, which can also take the original's mean over every
+    position); K-wise rankings use every pair once."""
 
     name = "rm"
 
@@ -256,7 +275,7 @@ class RMStage(Stage):
             mask = torch.cat([batch["chosen_mask"], batch["rejected_mask"]])
         with trainer.autocast():
             values = run["model"](ids)  # (N, T) right padded: the causal mask suffices
-        r = gather_last(values, mask)  # (N,) the score at each sequence's EOS
+        r = self.models["model"].readout(values, mask)  # (N,) by default the score at each sequence's EOS
         if "ranked_ids" in batch:
             r = r.view(B, K)
             return kwise_loss(r), r[:, :-1].reshape(-1), r[:, 1:].reshape(-1)
@@ -286,12 +305,82 @@ class RMStage(Stage):
                 "score_mean": scores.mean().item(), "score_std": scores.std().item()}
 
 
+def _reference(policy: GPT, ref: Optional[GPT]):
+    """The frozen reference: `ref`, or for a LoRA policy without one the policy with its adapters off."""
+    if ref is None and not policy.config.lora_rank:
+        raise ValueError("a full fine-tuned policy needs a separate frozen reference model")
+    return nullcontext(ref) if ref is not None else lora_disabled(policy)
+
+
+class DPOStage(Stage):
+    """Direct preference optimisation (Rafailov et al. 2023; IPO: Azar et al. 2023) on preference pairs:
+    the loss of loss.dpo_loss / loss.ipo_loss on the policy's and the reference's log-probs of each
+    pair's chosen and rejected response. The reference is the SFT model: `ref`, frozen, or for a LoRA
+    policy (ref None) the policy with its adapters off. Log-probs are summed over each sequence's tokens
+    from the first one where chosen and rejected differ (loss.pair_loss_masks): the prompt and a shared
+    start of the answers cancel from the loss, and so from the implicit rewards' margin and accuracy."""
+
+    name = "dpo"
+
+    def __init__(self, policy: GPT, cfg: DPOConfig, ref: Optional[GPT] = None):
+        _reference(policy, ref)  # fails now, not at the first step, for a full policy without a reference
+        self.cfg = cfg
+        self.models = {"model": policy}
+        self.frozen = {"ref": ref} if ref is not None else {}
+        self.loss_fn = {"dpo": dpo_loss, "ipo": ipo_loss}[cfg.loss]
+
+    def logprobs(self, trainer, model, ids, mask):
+        """Summed log-probs of the marked tokens of right-padded (N, T) sequences under `model`: (N,)."""
+        with trainer.autocast():
+            h = model(ids)  # (N, T, C): right padding, the causal mask suffices
+            return sequence_logprobs(getattr(model, "module", model).lm_head.weight, h, ids, mask)  # DDP: .module
+
+    def pair(self, trainer, run, batch):
+        """-> (loss, implicit reward of chosen (B,), of rejected (B,), policy log-probs of chosen, of rejected)."""
+        batch = _to(batch, trainer.device)
+        masks = pair_loss_masks(batch["chosen_ids"], batch["chosen_mask"], batch["rejected_ids"],
+                                batch["rejected_mask"])
+        ids, mask = torch.cat([batch["chosen_ids"], batch["rejected_ids"]]), torch.cat(masks)  # (2B, T): one forward
+        with torch.no_grad(), _reference(self.models["model"], self.frozen.get("ref")) as ref:
+            ref_c, ref_r = self.logprobs(trainer, ref, ids, mask).chunk(2)
+        pol_c, pol_r = self.logprobs(trainer, run["model"], ids, mask).chunk(2)
+        loss, r_c, r_r = self.loss_fn(pol_c, pol_r, ref_c, ref_r, self.cfg.beta)
+        return loss, r_c, r_r, pol_c.detach(), pol_r.detach()
+
+    def loss(self, trainer, run, batch):
+        loss, r_c, r_r, pol_c, pol_r = self.pair(trainer, run, batch)
+        return loss, {"loss": loss.detach(), **self._stats(r_c, r_r, pol_c, pol_r)}
+
+    @staticmethod
+    def _stats(r_c, r_r, pol_c, pol_r) -> dict:
+        """Implicit-reward accuracy (chosen above rejected, ties half), the rewards and their margin,
+        and the policy's log-probs of both sides (in DPO both often fall while their gap grows)."""
+        return {"accuracy": pairwise_accuracy(r_c, r_r), "reward_chosen": r_c.mean(), "reward_rejected": r_r.mean(),
+                "margin": (r_c - r_r).mean(), "logp_chosen": pol_c.mean(), "logp_rejected": pol_r.mean()}
+
+    @torch.no_grad()
+    def evaluate(self, trainer, run, batches):
+        """The same quantities over held-out pairs."""
+        losses, parts = [], []
+        for batch in batches:
+            loss, *rest = self.pair(trainer, run, batch)
+            losses.append(loss.item() * rest[0].numel())
+            parts.append(rest)
+        if not parts:
+            return {}
+        r_c, r_r, pol_c, pol_r = (torch.cat(x) for x in zip(*parts))
+        return {"loss": sum(losses) / r_c.numel(), "pairs": r_c.numel(),
+                **{k: v.item() for k, v in self._stats(r_c, r_r, pol_c, pol_r).items()}}
+
+
 class PPOStage(Stage):
     """PPO against a reward model with a per-token KL penalty to the reference (SFT) policy: the
     algorithm is in ppo.py; this is its glue to the Trainer.
 
     One trainer step = one rollout batch (ppo.collect_rollout), then `ppo_epochs` passes of
-    minibatches (ppo.ppo_update), each one actor and one critic optimizer step."""
+    minibatches (ppo.ppo_update), each one actor and one critic optimizer step. With
+    cfg.advantage "rloo" there is no critic (critic=None) and the trainer's batches hold
+    cfg.prompts_per_rollout prompts, each answered rloo_k times."""
 
     name = "ppo"
 
@@ -304,14 +393,18 @@ class PPOStage(Stage):
             raise ValueError("give exactly one of reward_model and reward_fn")
         if ref is None and not actor.config.lora_rank:
             raise ValueError("a full fine-tuned actor needs a separate frozen reference model")
+        if (critic is None) != (cfg.advantage == "rloo"):
+            raise ValueError("RLOO trains no critic; the other advantages need one")
         assert isinstance(actor, GPT)
         self.cfg = cfg
-        self.models = {"model": actor, "critic": critic}
+        self.models = {"model": actor, **({"critic": critic} if critic is not None else {})}
         self.frozen = {k: v for k, v in (("ref", ref), ("rm", reward_model)) if v is not None}
         self.reward_fn = reward_fn
         self.eval_scorers = eval_scorers or {}
         self.lrs = {"model": cfg.actor_lr, "critic": cfg.critic_lr}
-        self.optimizer_steps_per_batch = cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.minibatch_size)
+        samples = cfg.rollout_batch_size  # sequences per rollout, whatever the advantage
+        epochs, minibatch_size = update_schedule(cfg, samples)
+        self.optimizer_steps_per_batch = epochs * (samples // minibatch_size)
         self.kl = AdaptiveKL(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)  # saved with checkpoints
         self.normalizer = ScoreNormalizer(enabled=cfg.normalize_reward)  # saved with checkpoints
 
@@ -323,7 +416,8 @@ class PPOStage(Stage):
         self.normalizer.load_state_dict(state)
 
     def ppo_models(self, trainer, run) -> PPOModels:
-        return PPOModels(run["model"], run["critic"], self.frozen.get("ref"), self.cfg.temperature, trainer.autocast)
+        return PPOModels(run["model"], run.get("critic"), self.frozen.get("ref"), self.cfg.temperature,
+                         trainer.autocast, self.cfg.rollout_top_k)
 
     def _scorer(self, trainer, fn):
         """fn(generation, prompts) -> scores, as fp32 on the trainer's device."""

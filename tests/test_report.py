@@ -14,8 +14,10 @@ from common import run_cli
 from conftest import ROOT, SRC
 
 SECTIONS = ["Abstract", "1 Question", "2 Method", "2.1 The pipeline", "2.2 What the original got wrong, and the fix",
-            "3 The task and the gold reward", "4 Results", "4.1 PPO against SFT", "4.2 Tone or correctness",
-            "5 Ablations", "5.1 A weak KL penalty", "5.2 Which parts of the recipe matter", "6 Speed",
+            "3 The task and the gold reward", "4 Results", "4.1 PPO against SFT",
+            "4.2 PPO against RLOO, DPO, IPO and best-of-n", "4.3 Tone or correctness", "5 Ablations",
+            "5.1 The choices of the original, one at a time", "5.2 A weak KL penalty",
+            "5.3 Which parts of the recipe matter", "6 Speed",
             "7 Limitations", "References"]
 BENCHMARKS = os.path.join(ROOT, "benchmarks", "results", "latest.md")
 
@@ -53,6 +55,7 @@ def test_report_of_the_quick_run_states_its_numbers(quick, tmp_path):
     abstract = text[text.index("Abstract"):text.index("1 Question")]
     assert pct(gold["win_rate"]) in abstract and f"{gold['mean_score_a']:.2f}" in abstract
     # inputs not given: the section says so and names the command that makes them
+    assert "No methods study was given" in text and "python src/study.py --base" in text
     assert "No weak-KL PPO run was given" in text and "--kl-coef 0.01" in text
     assert "python src/pipeline.py --seeds 0,1,2" in text and "python src/study_rm.py --sft" in text
     # the speed section is the benchmark file's tables, row by row
