@@ -809,7 +809,7 @@ def speed_section(blocks: Optional[List[tuple]]) -> str:
     return "\n\n".join(out + [md_inline(n) for n in notes])
 
 
-def limitations_section(results: dict, configs: Dict[str, dict], seeds, blocks) -> str:
+def limitations_section(results: dict, configs: Dict[str, dict], seeds, blocks, methods=None) -> str:
     """What was not run, decided from what the run's files say it used."""
     model = ModelConfig.from_dict(configs["ppo"]["model"])
     args = configs["ppo"]["args"]
@@ -833,9 +833,16 @@ def limitations_section(results: dict, configs: Dict[str, dict], seeds, blocks) 
     if devices <= {"cpu"}:
         items.append("No GPU: every stage ran on CPU cores" +
                      (" and the benchmarks on a CPU; no GPU figure is measured." if blocks else "."))
-    items.append("Only PPO was run: DPO [6], which needs neither a reward model nor sampling, and RLOO [7], which "
-                 "needs no critic, are the obvious comparisons on this task and were not trained here"
-                 + (" (TRL's RLOO appears only as a speed reference)." if blocks else "."))
+    if not methods:
+        items.append("Only PPO was run: DPO [6], which needs neither a reward model nor sampling, and RLOO [7], which "
+                     "needs no critic, are the obvious comparisons on this task and were not trained here"
+                     + (" (TRL's RLOO appears only as a speed reference)." if blocks else "."))
+    else:
+        few = len(methods["seeds"]) < 3
+        items.append((f"The methods study ran on {len(methods['seeds'])} seed(s) only "
+                      f"({', '.join(map(str, methods['seeds']))}). " if few else "")
+                     + "DPO's learning rate and beta were chosen on one seed's dev prompts and IPO took DPO's, "
+                       "RLOO took PPO's settings: the rows compare each method at one setting, not at its best.")
     if not seeds:
         items.append("One seed: the intervals resample facts within one run, not runs.")
     return "\n".join("- " + esc(item) for item in items)
@@ -929,7 +936,7 @@ def build(run_dir: str, out: str, ablation: Optional[str] = None, benchmarks: Op
             "study": study_section(run_dir, study_in, study),
             **methods_section(run_dir, methods_in, methods, workdir),
             "speed": speed_section(blocks),
-            "limitations": limitations_section(results, configs, seeds_in, blocks),
+            "limitations": limitations_section(results, configs, seeds_in, blocks, methods_in),
         }
         source = os.path.join(workdir, "report.typ")
         with open(source, "w") as f:
