@@ -130,6 +130,19 @@ def same_init_on_every_process(seed: int, dist_info):
     seed_process(seed, dist_info.rank)
 
 
+def policy_and_reference(model_cfg, source: str, what: str):
+    """The policy to fine-tune, loaded from `source`, and its frozen reference: (policy, ref, how).
+    A LoRA policy trains only its adapters and is its own reference with them off (ref None, no
+    second copy); a full one gets a second, frozen copy. Call inside same_init_on_every_process."""
+    from checkpoints import init_model
+    from gpt import mark_only_lora_trainable
+    policy = init_model("lm", model_cfg, source, what=what)
+    if model_cfg.lora_rank:
+        mark_only_lora_trainable(policy)
+        return policy, None, "LoRA, reference = adapters off"
+    return policy, init_model("lm", model_cfg, source, what=what), "full, frozen copy as reference"
+
+
 def train(stage, args, model_cfg, train_cfg, dist_info, train_set, eval_set, collate, done_fields, **record) -> str:
     """Make the run directory, record the configuration, fit `stage` and print the last line;
     returns the run directory."""

@@ -25,7 +25,7 @@ Examples:
 import functools
 from dataclasses import fields, replace
 
-from checkpoints import checkpoint_info, init_model, is_checkpoint
+from checkpoints import checkpoint_info, is_checkpoint
 from cli import (
     add_common_args,
     add_data_args,
@@ -33,6 +33,7 @@ from cli import (
     load_data,
     model_config,
     parser,
+    policy_and_reference,
     print_main,
     resumed_args,
     same_init_on_every_process,
@@ -42,7 +43,6 @@ from cli import (
 from common import UserError, run_cli
 from configs import DPOConfig
 from dataset import PreferenceDataset, collate_preference
-from gpt import mark_only_lora_trainable
 from tokenizer import get_tokenizer
 from trainers import DPOStage
 
@@ -80,13 +80,7 @@ def main(argv=None):
                             f"(chosen, rejected)")
 
     with same_init_on_every_process(train_cfg.seed, d):
-        policy = init_model("lm", model_cfg, args.init, what="-p")
-        ref = None  # a LoRA policy's reference is itself with the adapters off
-        if model_cfg.lora_rank:
-            mark_only_lora_trainable(policy)
-        else:
-            ref = init_model("lm", model_cfg, args.init, what="-p")
-    reference = "LoRA, reference = adapters off" if ref is None else "full, frozen copy as reference"
+        policy, ref, reference = policy_and_reference(model_cfg, args.init, "-p")
     print_main(d, f"policy {args.preset} ({reference}), {policy.num_params(trainable_only=True) / 1e6:.2f}M "
                   f"trainable; {dpo_cfg.loss}, beta {dpo_cfg.beta}")
     train(DPOStage(policy, dpo_cfg, ref), args, model_cfg, train_cfg, d, train_set, eval_set, collate_preference,

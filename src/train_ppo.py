@@ -33,6 +33,7 @@ from cli import (
     add_dataclass_args,
     load_data,
     parser,
+    policy_and_reference,
     print_main,
     resumed_args,
     same_init_on_every_process,
@@ -105,12 +106,7 @@ def main(argv=None):
                          if args.critic_lora_rank is not None else rm_info["config"].lora_rank)
 
     with same_init_on_every_process(train_cfg.seed, d):
-        actor = init_model("lm", actor_cfg, args.actor, what="-a")
-        ref = None  # a LoRA actor's reference is itself with the adapters off
-        if actor_cfg.lora_rank:
-            mark_only_lora_trainable(actor)
-        else:
-            ref = init_model("lm", actor_cfg, args.actor, what="-a")
+        actor, ref, reference = policy_and_reference(actor_cfg, args.actor, "-a")
         critic = None  # RLOO has none
         if ppo_cfg.advantage != "rloo":
             critic = init_model("value", critic_cfg, args.critic, what="-c")
@@ -121,7 +117,6 @@ def main(argv=None):
                              max_length=actor_cfg.block_size - ppo_cfg.max_new_tokens)
     train_set, eval_set = load_data(make, args, d, source="prompts", held_out="eval_prompts",
                                     eval_kw={"limit": ppo_cfg.eval_samples})
-    reference = "LoRA, reference = adapters off" if ref is None else "full, frozen copy as reference"
     critic_note = f"critic from {rm_info['preset']}" if critic is not None else "no critic (RLOO)"
     print_main(d, f"actor {args.preset} ({reference}), {critic_note}, advantage {ppo_cfg.advantage}")
 
