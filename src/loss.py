@@ -37,11 +37,18 @@ def masked_var(x, mask, unbiased=True):
     return var
 
 
-def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
+def masked_whiten(x, mask, shift_mean=True, eps=1e-8, gather=None):
     """(x - mean) / std over valid positions; padding stays 0. With shift_mean=False the mean is
     added back: used for rewards, whose level carries information (whitening that shifts the mean
-    changes what the policy is rewarded for; Huang et al. 2024)."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    changes what the policy is rewarded for; Huang et al. 2024).
+
+    `gather(t)`, when given, concatenates a 1-D tensor over data-parallel processes: the mean and
+    std are then those of every process's valid positions, as one process with the whole batch has."""
+    if gather is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        valid = gather(x[mask.bool()])  # (N_all,)
+        mean, var = valid.mean(), valid.var() if valid.numel() > 1 else valid.new_zeros(())
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -211,12 +211,13 @@ def update_schedule(cfg: PPOConfig, n: int):
     return (1, n) if cfg.advantage == "sequence" else (cfg.ppo_epochs, cfg.minibatch_size)
 
 
-def advantages(rewards, old_values, mask, cfg: PPOConfig):
+def advantages(rewards, old_values, mask, cfg: PPOConfig, gather=None):
     """What every response token is credited with, and the critic's targets: (advantages, returns,
     value_mask), each (B, Tn). rewards are the per-token KL-shaped rewards (score on the last token),
     so each row's sum is its sequence reward R = score - beta * sum_t KL_t.
     - gae: GAE over the critic's values, whitened over valid tokens; the critic regresses every
-      token's value to advantage + value.
+      token's value to advantage + value. `gather` makes the whitening's statistics global under
+      DDP (loss.masked_whiten).
     - rloo: every token of a sample gets R minus the mean R of the other rloo_k - 1 samples of its
       prompt (loss.rloo_advantages; the k samples are consecutive rows); no critic, no targets.
     - sequence (the original's): every token gets R - V(prompt), V(prompt) the critic's value at the
@@ -224,7 +225,7 @@ def advantages(rewards, old_values, mask, cfg: PPOConfig):
     """
     if cfg.advantage == "gae":
         adv, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-        return masked_whiten(adv, mask), returns, mask
+        return masked_whiten(adv, mask, gather=gather), returns, mask
     total = masked_sum(rewards, mask, dim=1)  # (B,) R
     if cfg.advantage == "rloo":
         zeros = torch.zeros_like(mask)
@@ -237,12 +238,13 @@ def advantages(rewards, old_values, mask, cfg: PPOConfig):
 @torch.no_grad()
 def collect_rollout(models: PPOModels, prompt_ids, prompt_mask, prompts: List[str], score_fn: ScoreFn,
                     normalizer: ScoreNormalizer, kl_coef: float, cfg: PPOConfig,
-                    gather: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> Rollout:
+                    gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Rollout:
     """Sample responses to left-padded prompts (B, Tp), score them, and compute rewards and advantages.
     With cfg.advantage "rloo" each prompt is answered cfg.rloo_k times (B * rloo_k sequences).
 
-    `gather(t)` concatenates t from every data-parallel process: the score normaliser is fitted on
-    all of the first rollout's finished answers."""
+    `gather(t)` concatenates a 1-D tensor t over data-parallel processes (None: one process): the
+    score normaliser is then fitted on every process's finished answers of the first rollout, and
+    reward and advantage whitening use the whole batch's statistics."""
     if cfg.advantage == "rloo":  # k consecutive rows per prompt, as rloo_advantages expects
         prompt_ids, prompt_mask = (t.repeat_interleave(cfg.rloo_k, dim=0) for t in (prompt_ids, prompt_mask))
         prompts = [p for p in prompts for _ in range(cfg.rloo_k)]
@@ -254,7 +256,7 @@ def collect_rollout(models: PPOModels, prompt_ids, prompt_mask, prompts: List[st
     ended = ended_with_eos(gen)  # (B,)
     raw = score_fn(gen, prompts)  # (B,)
     if not normalizer.fitted:  # the first rollout: the SFT policy's own samples
-        normalizer.fit(gather(raw[ended]))
+        normalizer.fit(raw[ended] if gather is None else gather(raw[ended]))
     scores = final_scores(raw, ended, normalizer, cfg)
 
     # Old log-probs, reference log-probs and values are computed in the same minibatches (same
@@ -271,8 +273,8 @@ def collect_rollout(models: PPOModels, prompt_ids, prompt_mask, prompts: List[st
     kl, kl_k3 = kl_estimates(old_logp, ref_logp)  # (B, Tn) each
     rewards, non_score = shaped_rewards(scores, kl, mask, kl_coef)  # r_t = -beta KL_t, + score at EOS
     if cfg.whiten_rewards:
-        rewards = masked_whiten(rewards, mask, shift_mean=False)
-    adv, returns, value_mask = advantages(rewards, old_values, mask, cfg)
+        rewards = masked_whiten(rewards, mask, shift_mean=False, gather=gather)
+    adv, returns, value_mask = advantages(rewards, old_values, mask, cfg, gather)
     return Rollout(tokens, attn, Tp, mask, ended, raw, scores, old_logp, ref_logp, old_values, kl, kl_k3,
                    non_score, rewards, adv, returns, value_mask, first_order, generation_seconds)
 

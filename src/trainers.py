@@ -107,12 +107,49 @@ class Dist:
         dist.all_gather_object(out, obj)
         return out
 
+    def _reduce(self, values: List[float], op=None) -> List[float]:
+        """Element-wise all-reduce (sum by default) of a list of floats, in float64 on the device
+        the backend needs (see init)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def sum(self, value: float) -> float:
+        """The sum of `value` over all processes."""
+        return self._reduce([float(value)])[0] if self.enabled else float(value)
+
     def mean(self, value: float) -> float:
+        """The mean of `value` over all processes."""
+        return self.sum(value) / self.world_size if self.enabled else value
+
+    def concat(self, t: torch.Tensor) -> torch.Tensor:
+        """1-D tensor `t` of every process, concatenated in rank order (lengths may differ), on t's device."""
         if not self.enabled:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.item() / self.world_size
+            return t
+        return torch.cat([torch.as_tensor(x) for x in self.gather(t.detach().cpu())]).to(t.device)
+
+    def average(self, metrics: Dict[str, float]) -> Dict[str, float]:
+        """Logged step metrics as the mean over processes (each process's metrics are already its
+        weighted share, see Stage.train_step), so rank 0 logs everyone's numbers, not its own.
+        NaN entries (a statistic a process had no data for) are left out of their mean; keys with
+        "max" in the name take the maximum instead."""
+        if not self.enabled or not metrics:
+            return metrics
+        keys = sorted(metrics)  # the same order on every process
+        values = [float(_plain(metrics[k])) for k in keys]
+        finite = [0.0 if math.isnan(v) else v for v in values]
+        counts = [0.0 if math.isnan(v) else 1.0 for v in values]
+        reduced = self._reduce(finite + counts)
+        maxima = self._reduce([v if "max" in k and not math.isnan(v) else -math.inf for k, v in zip(keys, values)],
+                              dist.ReduceOp.MAX)
+        n = len(keys)
+        out = {}
+        for i, k in enumerate(keys):
+            if "max" in k:
+                out[k] = maxima[i] if maxima[i] > -math.inf else math.nan
+            else:
+                out[k] = reduced[i] / reduced[n + i] if reduced[n + i] else math.nan
+        return {k: out[k] for k in metrics}  # the stage's order, for the progress bar
 
 
 def process_device(name: str, d: Dist) -> torch.device:
@@ -202,17 +239,34 @@ class Stage:
     def load_extra_state(self, state: dict):
         pass
 
+    def weight(self, batch: dict) -> float:
+        """How many units (target tokens, pairs) the micro-batch's mean loss averages over."""
+        raise NotImplementedError
+
     def train_step(self, trainer: "Trainer", micro_batches: List[dict]) -> dict:
-        """Default step: accumulate the loss of each micro-batch, then one optimizer step."""
+        """Default step: accumulate the loss of each micro-batch, then one optimizer step.
+
+        The gradient is that of the mean loss over every unit (token, pair) of the global batch, all
+        micro-batches of all processes together: micro-batch i's mean loss is weighted by w_i / W,
+        its share of the units (W summed over processes), and by the number of processes, since DDP
+        averages gradients over them. So 2 processes x batch 4, 1 x batch 4 with 2 accumulation
+        steps and 1 x batch 8 take the same step, however the tokens fall. Metrics get the same
+        weights, so their mean over processes (Dist.average) is the global batch's."""
+        weights = [float(self.weight(b)) for b in micro_batches]
+        total = trainer.dist.sum(sum(weights))
+        if total == 0:
+            raise TrainingError(f"step {trainer.step + 1}: the batch has nothing to learn from "
+                                f"(no target tokens or pairs); check the data's loss mask")
         sums: Dict[str, float] = {}
         for i, batch in enumerate(micro_batches):
+            share = weights[i] * trainer.dist.world_size / total
             sync = i == len(micro_batches) - 1  # DDP all-reduces gradients on the last one only
             with trainer.no_sync(sync):
                 loss, metrics = self.loss(trainer, trainer.wrapped, batch)
                 trainer.check_finite(loss, "loss")
-                trainer.backward(loss / len(micro_batches))
+                trainer.backward(loss * share if share != 1.0 else loss)
             for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + _plain(v) / len(micro_batches)
+                sums[k] = sums.get(k, 0.0) + _plain(v) * share
         sums["grad_norm"] = trainer.optimizer_step("model")
         return sums
 
@@ -240,15 +294,19 @@ class SFTStage(Stage):
             # out of real positions (and takes SDPA's fast causal path). Pads carry no loss.
             h = run["model"](batch["input_ids"])  # (B, T, C)
             loss, n = lm_loss(self.models["model"].lm_head.weight, h, batch["input_ids"], batch["loss_mask"])
-        return loss, {"loss": loss.detach(), "tokens": n}
+        return loss, {"loss": loss.detach()}
+
+    def weight(self, batch):
+        return batch["loss_mask"][:, 1:].sum().item()  # target tokens (lm_loss's mean is over them)
 
     @torch.no_grad()
     def evaluate(self, trainer, run, batches):
         total, count = 0.0, 0
         for batch in batches:
-            loss, metrics = self.loss(trainer, run, batch)
-            total += loss.item() * metrics["tokens"]
-            count += metrics["tokens"]
+            loss, _ = self.loss(trainer, run, batch)
+            n = self.weight(batch)
+            total += loss.item() * n
+            count += n
         if count == 0:
             return {}
         return {"loss": total / count, "ppl": math.exp(min(total / count, 50.0)), "tokens": count}
@@ -281,6 +339,13 @@ class RMStage(Stage):
             return kwise_loss(r), r[:, :-1].reshape(-1), r[:, 1:].reshape(-1)
         r_c, r_r = r.chunk(2)
         return pairwise_loss(r_c, r_r), r_c, r_r
+
+    def weight(self, batch):
+        """Pairs: B per pairwise batch, B K (K-1) / 2 per K-wise one (kwise_loss's mean is over them)."""
+        if "ranked_ids" in batch:
+            B, K, _ = batch["ranked_ids"].shape
+            return B * K * (K - 1) // 2
+        return batch["chosen_ids"].size(0)
 
     def loss(self, trainer, run, batch):
         loss, r_c, r_r = self.rewards(trainer, run, batch)
@@ -347,6 +412,9 @@ class DPOStage(Stage):
         loss, r_c, r_r = self.loss_fn(pol_c, pol_r, ref_c, ref_r, self.cfg.beta)
         return loss, r_c, r_r, pol_c.detach(), pol_r.detach()
 
+    def weight(self, batch):
+        return batch["chosen_ids"].size(0)  # pairs
+
     def loss(self, trainer, run, batch):
         loss, r_c, r_r, pol_c, pol_r = self.pair(trainer, run, batch)
         return loss, {"loss": loss.detach(), **self._stats(r_c, r_r, pol_c, pol_r)}
@@ -380,7 +448,12 @@ class PPOStage(Stage):
     One trainer step = one rollout batch (ppo.collect_rollout), then `ppo_epochs` passes of
     minibatches (ppo.ppo_update), each one actor and one critic optimizer step. With
     cfg.advantage "rloo" there is no critic (critic=None) and the trainer's batches hold
-    cfg.prompts_per_rollout prompts, each answered rloo_k times."""
+    cfg.prompts_per_rollout prompts, each answered rloo_k times.
+
+    Under DDP every process samples its own rollout from its share of the prompts; the statistics
+    that span the batch are global (the score normaliser's fit, reward and advantage whitening,
+    the KL the controller steers), so N processes behave as one with an N times larger rollout.
+    The per-minibatch losses stay per process (DDP averages their gradients)."""
 
     name = "ppo"
 
@@ -440,8 +513,7 @@ class PPOStage(Stage):
         t0 = time.time()
         rollout = collect_rollout(models, batch["input_ids"], batch["attention_mask"], batch["prompts"],
                                   self.score_fn(trainer), self.normalizer, self.kl.value, self.cfg,
-                                  gather=lambda t: torch.cat([torch.as_tensor(x)
-                                                              for x in trainer.dist.gather(t.cpu())]))
+                                  gather=trainer.dist.concat if trainer.dist.enabled else None)
         t1 = time.time()
         stats = ppo_update(rollout, models, self.cfg,
                            actor_step=lambda loss: trainer.minimize("model", loss, "policy loss"),
@@ -677,7 +749,7 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 micro = [next(batches) for _ in range(cfg.grad_accum)]
-                metrics = self.stage.train_step(self, micro)
+                metrics = self.dist.average(self.stage.train_step(self, micro))
                 self.step += 1
                 self.state["elapsed"] = elapsed0 + time.time() - t0
                 if bar:

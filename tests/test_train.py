@@ -202,27 +202,6 @@ def test_bad_input_is_one_line_and_exit_2(case, sft_run, data, tmp_path):
     assert not glob.glob(str(tmp_path / "sft_*" / "final")), "a run trained despite bad input"
 
 
-def test_collectives_use_the_device_nccl_needs(monkeypatch):
-    """NCCL all-reduces only GPU tensors: under a CUDA device Dist.mean must build its tensor there,
-    under gloo on the CPU. Checked without a GPU by recording what all_reduce is given."""
-    import torch
-    import torch.distributed
-
-    from trainers import Dist
-    seen = []
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t: seen.append(t.device))
-    monkeypatch.setattr(torch, "tensor", lambda data, dtype=None, device=None: type(
-        "T", (), {"device": torch.device(device or "cpu"), "item": lambda self: data[0]})())
-    cuda, cpu = torch.device("cuda", 1), torch.device("cpu")
-    for device, want in ((cuda, cuda), (cpu, cpu)):
-        d = Dist()
-        d.init(device)
-        assert d.mean(3.0) == 1.5
-        assert seen[-1] == want
-
-
 def test_grad_scaler_state_survives_a_checkpoint(tmp_path):
     """fp16 training keeps a loss scale that moves with overflows; a resume must continue from it."""
     import torch
