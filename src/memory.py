@@ -176,11 +176,20 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _peak_rss() -> int:
+    """This process's peak resident memory (VmHWM). Not getrusage's ru_maxrss: Linux carries that
+    over from the process that forked and exec'd us (a 3 GiB pytest run made every peak 3 GiB)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def measure_cpu(shape: Shape, steps: int = 2) -> int:
     """Run `steps` training steps of the stage on the CPU with random tokens of exactly seq_len and
     return the peak resident memory it added (bytes): the check of `plan` on a machine without a
     GPU. Call in a fresh process (the peak only grows). bf16 only: fp16 is not run on CPUs."""
-    import resource
     import tempfile
 
     from configs import PPOConfig, TrainConfig
@@ -230,7 +239,7 @@ def measure_cpu(shape: Shape, steps: int = 2) -> int:
                         device="cpu", precision=shape.precision)
     with tempfile.TemporaryDirectory() as run_dir:
         Trainer(stage, train, run_dir, items, collate).fit()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return _peak_rss() - base
 
 
 def report(shape: Shape, gpu_mem: Optional[int], reserve: int) -> str:
