@@ -140,13 +140,11 @@ def plan(shape: Shape) -> Dict[str, int]:
     if shape.stage == "ppo":  # rollouts: every sequence's keys and values, last-position logits
         kv = 2 * L * B * T * C * (2 if half else 4)
         out["kv cache"] = kv + 4 * B * V
-        # Rollout and update are not at the same time: the peak is the larger of the two.
-        rollout, update = out["kv cache"], out["activations"] + out["output layer"]
-        if rollout > update:
-            out["activations"], out["output layer"] = 0, 0
-        else:
-            out["kv cache"] = 0
-    out["total"] = sum(out.values())
+        # Rollout and update are not at the same time: the peak counts the larger of the two.
+        smaller = min(out["kv cache"], out["activations"] + out["output layer"])
+        out["total"] = sum(out.values()) - smaller
+    else:
+        out["total"] = sum(out.values())
     return out
 
 
@@ -248,9 +246,15 @@ def report(shape: Shape, gpu_mem: Optional[int], reserve: int) -> str:
              f"LoRA rank {get_preset(shape.preset, lora_rank=shape.lora_rank).lora_rank}, "
              f"activation checkpointing {'on' if shape.checkpointing else 'off'}"
              + (f", PPO minibatch {shape.minibatch_size or min(8, shape.batch_size)}" if shape.stage == "ppo" else "")]
+    rollout_peak = shape.stage == "ppo" and p["kv cache"] > p["activations"] + p["output layer"]
     for k, v in p.items():
         if k != "total":
-            lines.append(f"  {k:<16} {v / GiB:8.2f} GiB")
+            note = ""
+            if shape.stage == "ppo":  # the two phases: only the larger one counts in the peak
+                in_rollout = k == "kv cache"
+                note = (" (rollout)" if in_rollout else " (update)") if k in ("kv cache", "activations", "output layer") else ""
+                note += "" if not note or in_rollout == rollout_peak else ", not at the peak"
+            lines.append(f"  {k:<16} {v / GiB:8.2f} GiB{note}")
     lines.append(f"  {'peak':<16} {p['total'] / GiB:8.2f} GiB")
     if gpu_mem is not None:
         budget = gpu_mem - reserve
