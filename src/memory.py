@@ -62,6 +62,11 @@ class Shape:
     minibatch_size: Optional[int] = None  # ppo: sequences per update minibatch (default min(8, batch))
     max_new_tokens: int = 128  # ppo: response budget (part of seq_len)
 
+    @property
+    def update_minibatch(self) -> int:
+        """ppo: sequences per update minibatch, as PPOConfig would get it."""
+        return self.minibatch_size or min(8, self.batch_size)
+
 
 def parameter_counts(cfg, kind: str = "lm") -> Dict[str, int]:
     """Exact counts of a model built on the meta device (no memory): total, trainable (LoRA:
@@ -111,8 +116,7 @@ def plan(shape: Shape) -> Dict[str, int]:
         rm = parameter_counts(replace(cfg, lora_rank=0), "rm")  # the frozen reward model (RM run, merged)
         held = lm["total"] + critic["total"] + rm["total"] + (0 if cfg.lora_rank else lm["total"])
         trained = [lm, critic]
-        mb = shape.minibatch_size or min(8, B)
-        forward_seqs = mb  # one minibatch forward with gradients at a time (actor, then critic)
+        forward_seqs = shape.update_minibatch  # one minibatch forward with gradients at a time (actor, then critic)
     else:
         model = parameter_counts(cfg, "rm" if shape.stage == "rm" else "lm")
         held = model["total"] + (lm["total"] if shape.stage == "dpo" and not cfg.lora_rank else 0)  # DPO's reference
@@ -224,7 +228,7 @@ def measure_cpu(shape: Shape, steps: int = 2) -> int:
             mark_only_lora_trainable(actor)
             mark_only_lora_trainable(critic, also=("head",))
         rm = RewardModel(replace(cfg, lora_rank=0))
-        ppo = PPOConfig(rollout_batch_size=B, minibatch_size=shape.minibatch_size or min(8, B), ppo_epochs=1,
+        ppo = PPOConfig(rollout_batch_size=B, minibatch_size=shape.update_minibatch, ppo_epochs=1,
                         max_new_tokens=shape.max_new_tokens)  # random weights: EOS is rare, answers run full length
         stage = PPOStage(actor, critic, ppo, reward_model=rm, ref=None if lora else GPT(cfg))
     else:
@@ -245,7 +249,7 @@ def report(shape: Shape, gpu_mem: Optional[int], reserve: int) -> str:
     lines = [f"{shape.preset} {shape.stage}: batch {shape.batch_size} x {shape.seq_len} tokens, {shape.precision}, "
              f"LoRA rank {get_preset(shape.preset, lora_rank=shape.lora_rank).lora_rank}, "
              f"activation checkpointing {'on' if shape.checkpointing else 'off'}"
-             + (f", PPO minibatch {shape.minibatch_size or min(8, shape.batch_size)}" if shape.stage == "ppo" else "")]
+             + (f", PPO minibatch {shape.update_minibatch}" if shape.stage == "ppo" else "")]
     rollout_peak = shape.stage == "ppo" and p["kv cache"] > p["activations"] + p["output layer"]
     for k, v in p.items():
         if k != "total":
@@ -297,7 +301,7 @@ def main(argv=None):
         raise UserError(f"--minibatch-size must be in [1, -b], got {args.minibatch_size}")
     shape = Shape(args.preset, args.stage, args.batch_size, args.seq_len, args.precision, args.lora_rank,
                   args.grad_checkpointing, args.minibatch_size, args.max_new_tokens)
-    print(report(shape, parse_size(args.gpu_mem) if args.gpu_mem else None, int(args.reserve * GiB)), flush=True)
+    gpu_mem = parse_size(args.gpu_mem) if args.gpu_mem else None
     if args.measure and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
         # glibc keeps freed blocks below its (self-raising) mmap threshold in its heap, so resident
         # memory would still count tensors torch has freed; a fixed threshold returns every large
@@ -305,6 +309,7 @@ def main(argv=None):
         # GPU allocator's max_memory_allocated does. It is read at process start: run again with it.
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
         os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:])], env)
+    print(report(shape, gpu_mem, int(args.reserve * GiB)), flush=True)
     if args.measure:
         measured, estimate = measure_cpu(shape), plan(shape)["total"]
         print(f"measured on this CPU: {measured / GiB:.3f} GiB peak added by {shape.stage} steps; "
