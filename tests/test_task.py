@@ -17,6 +17,8 @@ SIZES = dict(n_sft=3000, n_sft_dev=400, n_rm_train=1500, n_rm_dev=200, n_rm_test
              n_test=300, n_test_unseen=240)
 FRANCE = format_prompt("Hi! Quick question. What is the capital of France?")
 COW = format_prompt("What sound does a cow make?")
+# gold of each fixed-score demonstrator kind, from the reward's table: correct+polite, correct, rude, "I don't know"
+KIND_GOLD = {"good": MAX_GOLD, "plain": 2.0, "rude": 1.0, "idk": 0.0}
 
 
 def read(path):
@@ -76,10 +78,24 @@ def test_files_schemas_and_sizes(files, rows):
     for r in rows["sft"] + rows["sft_dev"]:
         assert r["prompt"].startswith("\n\nHuman: ") and r["prompt"].endswith("\n\nAssistant:")
         assert r["response"].startswith(" ") and ENDOFTEXT not in r["response"]
-        assert r["gold"] == g(r["response"], r["prompt"])
+        # the stored gold against the documented value of each demonstrator kind (the reward's table
+        # in task.py), not against the function that wrote it: a file written by a changed reward fails
+        _, subject, answer = parse_prompt(r["prompt"])
+        said = r["response"].lower()
+        states_truth = answer.lower() in said and subject.lower() in said
+        if r["kind"] in KIND_GOLD:
+            assert r["gold"] == KIND_GOLD[r["kind"]], r
+        if r["kind"] in ("good", "plain", "rude"):
+            assert states_truth, r
+        elif r["kind"] == "wrong":
+            assert r["gold"] in (-1.0, -0.5) and not states_truth, r
+        elif r["kind"] in ("ramble", "repeat"):  # never as good as the best answer
+            assert r["gold"] < MAX_GOLD, r
+    assert {r["kind"] for r in rows["sft"]} == set(KIND_GOLD) | {"wrong", "ramble", "repeat"}
     for r in rows["rm_train"] + rows["rm_dev"] + rows["rm_test"]:
         assert r["chosen"] != r["rejected"]
-        assert r["gold_chosen"] == g(r["chosen"], r["prompt"]) and r["gold_rejected"] == g(r["rejected"], r["prompt"])
+        for gold in (r["gold_chosen"], r["gold_rejected"]):
+            assert gold <= MAX_GOLD and gold * 2 == int(gold * 2), r  # multiples of 0.5, at most the best
         assert r["gold_chosen"] != r["gold_rejected"]  # raters only see pairs that differ
     for name in ("ppo_prompts", "dev_prompts"):
         assert all(set(r) == {"prompt"} for r in rows[name])
