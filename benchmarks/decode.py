@@ -1,6 +1,7 @@
 """Decoding speed against transformers and against the memory-bandwidth limit, with a profile.
 
     python benchmarks/decode.py                   # gpt2-small, batch 8, 32-token prompts: ~4 minutes on 2 cores
+    python benchmarks/decode.py --precision bf16        # both sides with bf16 weights
     python benchmarks/decode.py --shape tiny --repeats 2
 
 Decoding one token per sequence reads every weight once per step (and the KV cache so far), and
@@ -12,10 +13,10 @@ with the bandwidth measured in this run (summing a 256 MiB tensor, the best of 1
 after the timing) and the bytes per step = every parameter but the position table (one row of it
 is read) + the K and V of every layer up to the current length, averaged over the steps of the call. For each number of new
 tokens and both greedy decoding and sampling (full vocabulary, temperature 1), it prints ours
-(GPT.generate, KV cache, fp32) and transformers' GPT2LMHeadModel.generate (use_cache=True, same
+(GPT.generate, KV cache, weights in --precision) and transformers' GPT2LMHeadModel.generate (use_cache=True, same
 weights), their ratio (calls alternate, ratio per pair, median) and each one's share of the
 limit; then the operators our greedy decoding spends its time in (torch.profiler).
-Writes benchmarks/results/decode.md and decode.json.
+Writes benchmarks/results/decode.md and decode.json (decode_bf16.* with --precision bf16).
 """
 import harness  # noqa: I001  (first: sets flush-denormal before torch starts threads)
 
@@ -48,7 +49,7 @@ def bytes_per_step(model, new_tokens: int) -> float:
     position table but one row) plus the KV cache of every layer at that step's length."""
     cfg = model.config
     weights = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "wpe" not in name)
-    kv_per_position = 2 * cfg.n_layer * BATCH * cfg.n_embd * 4  # K and V, fp32
+    kv_per_position = 2 * cfg.n_layer * BATCH * cfg.n_embd * model.wte.weight.element_size()  # K and V
     mean_length = PROMPT + (new_tokens - 1) / 2
     return weights + kv_per_position * mean_length
 
@@ -67,9 +68,11 @@ def main(argv=None):
     p.add_argument("--shape", choices=sorted(SHAPES), default="gpt2-small")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per side (after one warm-up call each)")
     p.add_argument("--new-tokens", default="64,128", help="comma-separated numbers of new tokens")
-    p.add_argument("--out", default=os.path.join(harness.HERE, "results", "decode"),
-                   help="writes OUT.md and OUT.json")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="dtype of both models' weights and KV cache; the limit counts bytes of that dtype")
+    p.add_argument("--out", help="writes OUT.md and OUT.json (default benchmarks/results/decode[_bf16])")
     args = p.parse_args(argv)
+    args.out = args.out or os.path.join(harness.HERE, "results", "decode" + ("_bf16" if args.precision == "bf16" else ""))
     try:
         lengths = [int(n) for n in args.new_tokens.split(",")]
     except ValueError:
@@ -80,8 +83,9 @@ def main(argv=None):
     bandwidths = [read_bandwidth()]  # before the models exist, and again after the timing
     with tempfile.TemporaryDirectory() as workdir:
         ours, hf = model_pair(args.shape, workdir)
-    ours.eval()
-    hf.eval()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
+    ours.to(dtype).eval()
+    hf.to(dtype).eval()
     prompt = torch.randint(0, EOS_ID, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(prompt)
     rows = []
@@ -106,11 +110,11 @@ def main(argv=None):
         r["limit_tok_s"] = BATCH * bandwidth / bytes_per_step(ours, r["new_tokens"])
     table = profile_greedy(ours, prompt, lengths[0])
 
-    md = [f"Command: `python benchmarks/decode.py --shape {args.shape} --repeats {args.repeats} "
+    md = [f"Command: `python benchmarks/decode.py --shape {args.shape} --precision {args.precision} --repeats {args.repeats} "
           f"--new-tokens {args.new_tokens}` ({time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {harness.cpu_model()})",
           "",
-          f"Batch {BATCH}, {PROMPT}-token prompts, fp32, KV cache; read bandwidth {bandwidth / 1e9:.1f} GB/s "
+          f"Batch {BATCH}, {PROMPT}-token prompts, {args.precision} weights on both sides, KV cache; read bandwidth {bandwidth / 1e9:.1f} GB/s "
           f"(sum of a 256 MiB tensor, best of 10, before and after the timing: "
           f"{' and '.join(f'{b / 1e9:.1f}' for b in bandwidths)} GB/s); limit = batch x bandwidth / bytes read per step.",
           "",
