@@ -1,7 +1,7 @@
 """Decoding speed against transformers and against the memory-bandwidth limit, with a profile.
 
     python benchmarks/decode.py                   # gpt2-small, batch 8, 32-token prompts: ~4 minutes on 2 cores
-    python benchmarks/decode.py --precision bf16        # both sides with bf16 weights
+    python benchmarks/decode.py --precision bf16  # both sides with bf16 weights
     python benchmarks/decode.py --shape tiny --repeats 2
 
 Decoding one token per sequence reads every weight once per step (and the KV cache so far), and
@@ -11,10 +11,10 @@ does little arithmetic with each byte, so at small batch its speed limit is memo
 
 with the bandwidth measured in this run (summing a 256 MiB tensor, the best of 10, before and
 after the timing) and the bytes per step = every parameter but the position table (one row of it
-is read) + the K and V of every layer up to the current length, averaged over the steps of the call. For each number of new
-tokens and both greedy decoding and sampling (full vocabulary, temperature 1), it prints ours
-(GPT.generate, KV cache, weights in --precision) and transformers' GPT2LMHeadModel.generate (use_cache=True, same
-weights), their ratio (calls alternate, ratio per pair, median) and each one's share of the
+is read) + the K and V of every layer up to the current length, averaged over the steps of the
+call. For each number of new tokens and both greedy decoding and sampling (full vocabulary,
+temperature 1), it prints ours (GPT.generate, KV cache, weights in --precision) and transformers'
+GPT2LMHeadModel.generate (use_cache=True, same weights), their ratio (calls alternate, ratio per pair, median) and each one's share of the
 limit; then the operators our greedy decoding spends its time in (torch.profiler).
 Writes benchmarks/results/decode.md and decode.json (decode_bf16.* with --precision bf16).
 """
