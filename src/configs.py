@@ -153,7 +153,11 @@ class PPOConfig:
     minus the mean reward of the other k - 1, and no critic is trained; sequence, the original
     project's: one gradient step on the whole rollout, every token of a response credited with its
     reward minus V(prompt). rollout_top_k > 0 is the original's sampling mismatch: rollouts come
-    from the top-k tokens, while old, new and reference log-probs are of the full softmax."""
+    from the top-k tokens, while old, new and reference log-probs are of the full softmax.
+    decode_precision bf16 / int8 samples rollouts from a low-precision copy of the policy (faster
+    where the CPU's bf16 kernels are, benchmarks/decode.py); old log-probs still come from the
+    policy itself, so the first minibatch's ratio stays 1 and only which tokens are drawn changes
+    (KL to the fp32 policy <= 1e-3 nats per token, tests/test_ppo.py)."""
 
     rollout_batch_size: int = 32  # prompts per rollout on each process
     minibatch_size: int = 8  # sequences per PPO minibatch (must divide rollout_batch_size)
@@ -177,10 +181,13 @@ class PPOConfig:
     advantage: str = "gae"  # gae (critic + GAE) | rloo (leave-one-out baseline, no critic) | sequence (the original's)
     rloo_k: int = 4  # rloo: samples per prompt; a rollout answers rollout_batch_size / rloo_k prompts
     rollout_top_k: Optional[int] = None  # sample from the top k, log-probs of the full softmax (original: 50)
+    decode_precision: str = "fp32"  # rollout sampler's weights: fp32 (the policy) | bf16 | int8 (GPT.for_decoding)
 
     def __post_init__(self):
         if self.advantage not in ADVANTAGES:
             raise UserError(f"--advantage {self.advantage!r}: use one of {', '.join(ADVANTAGES)}")
+        if self.decode_precision not in DECODE_PRECISIONS:
+            raise UserError(f"--decode-precision {self.decode_precision!r}: use one of {', '.join(DECODE_PRECISIONS)}")
         check_ranges(self, {"rollout_batch_size": ">= 1", "minibatch_size": ">= 1", "ppo_epochs": ">= 1",
                             "max_new_tokens": ">= 1", "temperature": "> 0", "kl_coef": ">= 0", "target_kl": "> 0",
                             "kl_horizon": ">= 1", "gamma": "in [0, 1]", "lam": "in [0, 1]", "cliprange": "> 0",
@@ -205,6 +212,7 @@ class PPOConfig:
 
 
 ADVANTAGES = ("gae", "rloo", "sequence")  # PPOConfig.advantage
+DECODE_PRECISIONS = ("fp32", "bf16", "int8")  # GPT.for_decoding: weights a sampler decodes with
 
 
 @dataclass

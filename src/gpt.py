@@ -22,6 +22,7 @@ so a left-padded row gives the same outputs as the same row without padding.
 import json
 import math
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import loralib as lora
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from common import UserError
-from configs import EOS_ID, ModelConfig
+from configs import DECODE_PRECISIONS, EOS_ID, ModelConfig
 
 # -----------------------------------------------------------------------------
 # Building blocks
@@ -172,8 +173,8 @@ def _decoding_layout(model: nn.Module):
     second copy of the weight matrices while it lasts. Elsewhere (GPU, bf16) it does nothing:
     there the layout makes no such difference.
     """
-    device = next(model.parameters()).device
-    if device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+    first = next(model.parameters())
+    if first.device.type != "cpu" or first.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
         yield
         return
     params = [p for p in model.parameters() if p.dim() == 2]
@@ -185,6 +186,35 @@ def _decoding_layout(model: nn.Module):
     finally:
         for p, data in zip(params, saved):
             p.data = data
+
+
+class Int8Linear(nn.Module):
+    """y = x (s * W8)^T + b for decoding: int8 weights W8 with one scale s per output row.
+
+    Weight-only quantisation (as in LLM.int8's absmax scheme, Dettmers et al. 2022, per row and
+    without outliers kept apart): a decode step reads each weight once, so a quarter of fp32's
+    bytes is up to 4x less time where memory is the limit. Activations stay in bf16. On the CPU
+    this is torch's fused int8 x bf16 kernel; elsewhere the weight is widened before the product
+    (correct, not fast: use bf16 there).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], dtype=torch.bfloat16):
+        super().__init__()
+        weight = weight.detach().float()  # (out, in)
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
+        self.register_buffer("weight", torch.round(weight / scale[:, None]).to(torch.int8))
+        self.register_buffer("scale", scale.to(dtype))
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
+
+    def forward(self, x):  # (..., in) -> (..., out)
+        x2 = x.reshape(-1, x.size(-1)).to(self.scale.dtype)  # (N, in)
+        if x2.device.type == "cpu":
+            y = torch._weight_int8pack_mm(x2.contiguous(), self.weight, self.scale)  # (N, out)
+        else:
+            y = F.linear(x2, self.weight.to(x2.dtype)) * self.scale
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], -1)
 
 
 # -----------------------------------------------------------------------------
@@ -256,7 +286,29 @@ class GPT(nn.Module):
     def lm_head(self) -> "OutputLayer":
         """The output layer: lm_head(h) maps hidden states (..., C) to logits (..., V) through the
         tied token embedding, and lm_head.weight is that embedding (for the fused losses)."""
-        return OutputLayer(self.wte.weight)
+        return getattr(self, "int8_head", None) or OutputLayer(self.wte.weight)
+
+    def for_decoding(self, precision: str = "fp32") -> "GPT":
+        """This model as a sampler with weights in `precision`: itself for fp32, else a frozen copy
+        (LoRA merged) in bf16, or with int8 weight-only linear layers and output layer (Int8Linear)
+        and bf16 for the rest. A decode step reads every weight once, so fewer bytes per weight
+        is faster where the CPU's bf16 kernels are (benchmarks/decode.py measures which wins). The
+        copy is for choosing tokens only: log-probs that a loss uses come from the model itself.
+        """
+        if precision not in DECODE_PRECISIONS:
+            raise UserError(f"decode precision must be one of {', '.join(DECODE_PRECISIONS)}, got {precision!r}")
+        if precision == "fp32":
+            return self
+        with torch.device("meta"):  # no memory and no init for weights that are replaced at once
+            copy = GPT(replace(self.config, lora_rank=0, dropout=0.0))
+        copy.load_state_dict(self.merged_state_dict(), assign=True)
+        if precision == "int8":
+            for block in copy.h:
+                for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")):
+                    linear = getattr(parent, name)
+                    setattr(parent, name, Int8Linear(linear.weight, linear.bias))
+            copy.int8_head = Int8Linear(copy.wte.weight, None)
+        return copy.to(torch.bfloat16).eval().requires_grad_(False)
 
     def logits(self, idx, attention_mask=None):
         """Full logits (B, T, V), as GPT2LMHeadModel returns them."""

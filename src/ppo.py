@@ -59,19 +59,24 @@ class PPOModels:
     actor and critic may be wrapped for data parallelism. Every forward runs under `autocast()`, and
     every log-prob divides the logits by the sampling temperature, so old, new and reference log-probs
     are of the policy sampled from. `top_k` (PPOConfig.rollout_top_k) reproduces the original's
-    mismatch: samples from the top-k tokens, log-probs of the full softmax.
+    mismatch: samples from the top-k tokens, log-probs of the full softmax. `decode_precision`
+    (PPOConfig) samples from a bf16 / int8 copy of the actor, made afresh for every call; the
+    log-probs are the actor's own whatever it is.
     """
 
     def __init__(self, actor: nn.Module, critic: Optional[nn.Module], ref: Optional[nn.Module] = None,
-                 temperature: float = 1.0, autocast: Callable = nullcontext, top_k: Optional[int] = None):
+                 temperature: float = 1.0, autocast: Callable = nullcontext, top_k: Optional[int] = None,
+                 decode_precision: str = "fp32"):
         self.actor, self.critic, self.ref = actor, critic, ref
         self.temperature, self.autocast, self.top_k = temperature, autocast, top_k
+        self.decode_precision = decode_precision
 
     def generate(self, prompt_ids, prompt_mask, max_new_tokens: int, generator=None) -> Generation:
         """Sample from the plain softmax at the temperature (no top-k / top-p: the log-probs PPO
         uses are of that distribution), unless `top_k` asks for the original's mismatch."""
+        sampler = _unwrap(self.actor).for_decoding(self.decode_precision)
         with self.autocast():
-            return _unwrap(self.actor).generate(prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
+            return sampler.generate(prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
                                                 temperature=self.temperature, top_k=self.top_k, eos_id=EOS_ID,
                                                 generator=generator)
 

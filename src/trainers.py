@@ -490,7 +490,7 @@ class PPOStage(Stage):
 
     def ppo_models(self, trainer, run) -> PPOModels:
         return PPOModels(run["model"], run.get("critic"), self.frozen.get("ref"), self.cfg.temperature,
-                         trainer.autocast, self.cfg.rollout_top_k)
+                         trainer.autocast, self.cfg.rollout_top_k, self.cfg.decode_precision)
 
     def _scorer(self, trainer, fn):
         """fn(generation, prompts) -> scores, as fp32 on the trainer's device."""

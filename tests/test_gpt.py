@@ -10,6 +10,7 @@ from common import UserError
 from configs import ModelConfig, get_preset
 from gpt import (
     GPT,
+    KVCache,
     RewardModel,
     ValueModel,
     _decoding_layout,
@@ -195,6 +196,41 @@ def test_sampling_matches_the_distribution():
     assert set(sample_from_logits(logits, top_p=0.7, generator=g).tolist()) == {0, 1}  # 0.5 < 0.7 <= 0.8
     assert set(sample_from_logits(logits, top_p=0.5, generator=g).tolist()) == {0}
     assert sample_from_logits(logits[:3], temperature=0.0).tolist() == [0, 0, 0]
+
+
+def kl_per_position(want_logits, got_logits):
+    """KL(want || got) of the softmaxes at every position: (...,)."""
+    want, got = torch.log_softmax(want_logits.float(), -1), torch.log_softmax(got_logits.float(), -1)
+    return (want.exp() * (want - got)).sum(-1)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_low_precision_sampler_is_a_frozen_copy_near_the_model(tiny_config, precision):
+    """GPT.for_decoding: LoRA merged in, next-token distributions within 1e-3 nats (KL) of the
+    model's, through the KV cache and with left padding as well as on a full recompute; the model
+    itself (fp32, trainable adapters) untouched."""
+    model = randomize_(GPT(replace(tiny_config, lora_rank=4)), std=0.05).eval()  # lora_B != 0: adapters matter
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sampler = model.for_decoding(precision)
+    assert model.for_decoding("fp32") is model
+    assert not any(p.requires_grad for p in sampler.parameters())
+    tok = get_tokenizer()
+    ids, mask = tok(["The capital of France is", "Hi", "One two three four five six"], padding_side="left")
+    with torch.no_grad():
+        want = model.logits(ids, mask)  # (B, T, V)
+        assert kl_per_position(want, sampler.logits(ids, mask))[mask.bool()].max() < 1e-3
+        # Step by step through the sampler's KV cache, as generate runs it: the same distributions.
+        cache, steps = KVCache(tiny_config.n_layer, ids.size(1)), []
+        for t in range(ids.size(1)):
+            steps.append(sampler.lm_head(sampler(ids[:, t:t + 1], mask[:, :t + 1], kv_cache=cache)))
+        assert kl_per_position(want, torch.cat(steps, 1))[mask.bool()].max() < 1e-3
+        alone = torch.tensor([tok.encode("Hi")])
+        assert kl_per_position(want[1:2, -1], sampler.logits(alone)[:, -1]).max() < 1e-3  # padding changes nothing
+        out = sampler.generate(ids, mask, max_new_tokens=5, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert out.tokens.shape == (3, ids.size(1) + 5) and out.tokens.max() < tiny_config.vocab_size
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) and v.dtype == after[k].dtype for k, v in before.items())
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
 
 
 def test_lora_zero_b_equals_base_and_merge(tiny_config):

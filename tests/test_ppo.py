@@ -176,22 +176,49 @@ COMPILE = pytest.mark.skipif(not os.environ.get("RUN_COMPILE_TESTS"),
                              reason="torch.compile takes ~40 s on 2 cores: RUN_COMPILE_TESTS=1 runs it")
 
 
-@pytest.mark.parametrize("temperature, compile", [(0.7, False), (1.3, False),
-                                                  pytest.param(1.0, True, marks=COMPILE)])
-def test_first_ratio_is_one_at_any_temperature_and_compiled(word_policy, tmp_path, temperature, compile):
-    """Rollout and update compute log-probs the same way at a sampling temperature != 1, so the first
+@pytest.mark.parametrize("temperature, compile, decode_precision", [
+    (0.7, False, "fp32"), (1.3, False, "int8"), (1.0, False, "bf16"), pytest.param(1.0, True, "fp32", marks=COMPILE)])
+def test_first_ratio_is_one_at_any_temperature_decode_precision_and_compiled(
+        word_policy, tmp_path, monkeypatch, temperature, compile, decode_precision):
+    """Rollout and update compute log-probs the same way at a sampling temperature != 1, and when the
+    tokens are drawn by a bf16 / int8 copy of the policy (its log-probs are never used), so the first
     minibatch of each rollout has ratio exactly 1 and the update moves the policy. Under torch.compile
     the rollout runs the no-grad graph and the update the training graph, which inductor fuses
     differently: measured 7e-7 on the first step on this CPU, so compiled runs are held to 1e-5."""
+    asked = []
+    for_decoding = GPT.for_decoding
+    monkeypatch.setattr(GPT, "for_decoding", lambda self, p: asked.append(p) or for_decoding(self, p))
     torch.manual_seed(0)
     stage = make_ppo(word_policy, lora_rank=8, temperature=temperature, rollout_batch_size=8, minibatch_size=4,
-                     ppo_epochs=1, max_new_tokens=6)
+                     ppo_epochs=1, max_new_tokens=6, decode_precision=decode_precision)
     before = {k: v.clone() for k, v in stage.models["model"].state_dict().items() if "lora" in k}
     _, rows = run_ppo(stage, str(tmp_path), steps=2, compile=compile)
+    assert len(asked) >= 2 and set(asked) == {decode_precision}  # every rollout sampled through it
     tolerance = 1e-5 if compile else 0.0
     assert all(r["first_ratio_max_dev"] <= tolerance for r in rows), [r["first_ratio_max_dev"] for r in rows]
     after = stage.models["model"].state_dict()
     assert any((after[k] - v).abs().max() > 0 for k, v in before.items())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_a_low_precision_sampler_stays_within_1e_3_nats_of_the_trained_policy(word_policy, precision):
+    """The tolerance PPOConfig.decode_precision states, on a trained (peaked: ~1.9 nats of entropy
+    here) policy rather than a random one: KL(policy || sampler) <= 1e-3 nats at every response
+    position (measured at most 2.3e-4 for int8, 6.5e-5 for bf16; means 9e-5 and 3e-5)."""
+    policy = GPT(CONFIG).eval()
+    policy.load_state_dict(word_policy)
+    items = collate_prompts(prompt_items(16))
+    with torch.no_grad():
+        gen = policy.generate(items["input_ids"], items["attention_mask"], max_new_tokens=10,
+                              generator=torch.Generator().manual_seed(0))
+        Tp, resp = gen.prompt_len, gen.response_mask[:, gen.prompt_len:].bool()
+        want = torch.log_softmax(policy.logits(gen.tokens, gen.attention_mask)[:, Tp - 1:-1], -1)
+        entropy = -(want.exp() * want).sum(-1)[resp].mean()
+        got = torch.log_softmax(policy.for_decoding(precision).logits(gen.tokens, gen.attention_mask)[:, Tp - 1:-1].float(), -1)
+    kl = (want.exp() * (want - got)).sum(-1)[resp]  # (n,) one per response token
+    assert entropy < 3.0, entropy  # a peaked policy, where rounding errors matter most
+    print(precision, f"entropy {entropy:.2f}, KL mean {kl.mean():.2e} max {kl.max():.2e}")
+    assert kl.max() < 1e-3, (kl.mean(), kl.max())
 
 
 def test_tokens_after_eos_change_nothing(word_policy):
