@@ -31,7 +31,7 @@ import torch
 
 from cli import parser
 from common import UserError, autocast, default_precision, resolve_device, run_cli, seed_everything
-from configs import EOS_ID, PRESETS
+from configs import DECODE_PRECISIONS, EOS_ID, PRESETS
 from evaluate import STOP, GenParams, answer_from_tokens
 from gpt import GPT
 from sample import load_policy
@@ -486,6 +486,9 @@ def main(argv=None):
                     help=f"instead of a model: a new one of this preset (default tiny), one of: {', '.join(PRESETS)}")
     add_sampling_args(ap)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ap.add_argument("--decode-precision", choices=DECODE_PRECISIONS, default="fp32",
+                    help="weights to decode with: bf16 / int8 are a faster copy within 1e-3 nats of the model "
+                         "(GPT.for_decoding; benchmarks/decode.py measures which is fastest here) (default fp32)")
     ap.add_argument("--show-prompt", action="store_true",
                     help="print the prompt the model sees (the conversation as kept) before each reply")
     ap.add_argument("--web", action="store_true", help="serve a chat page on 127.0.0.1 instead of the terminal")
@@ -496,7 +499,8 @@ def main(argv=None):
     params = gen_params(args)
     device = resolve_device(args.device)
     seed_everything(args.seed)
-    models = load_models(args.models, args.preset)
+    models = {name: model.to(device).for_decoding(args.decode_precision)
+              for name, model in load_models(args.models, args.preset).items()}
     if args.web:
         return serve(models, params, device, args.port)
     (name, model), = models.items()

@@ -19,6 +19,7 @@ logits only where it needs them (`lm_head`).
 Padding: an attention mask (1 = real token) goes with every batch; positions are counted from it,
 so a left-padded row gives the same outputs as the same row without padding.
 """
+import copy
 import json
 import math
 from contextlib import contextmanager
@@ -288,27 +289,35 @@ class GPT(nn.Module):
         tied token embedding, and lm_head.weight is that embedding (for the fused losses)."""
         return getattr(self, "int8_head", None) or OutputLayer(self.wte.weight)
 
-    def for_decoding(self, precision: str = "fp32") -> "GPT":
+    def for_decoding(self, precision: str = "fp32", compile: bool = False) -> "GPT":
         """This model as a sampler with weights in `precision`: itself for fp32, else a frozen copy
         (LoRA merged) in bf16, or with int8 weight-only linear layers and output layer (Int8Linear)
         and bf16 for the rest. A decode step reads every weight once, so fewer bytes per weight
         is faster where the CPU's bf16 kernels are (benchmarks/decode.py measures which wins). The
         copy is for choosing tokens only: log-probs that a loss uses come from the model itself.
+        compile=True runs its forward through torch.compile (dynamic shapes: one graph serves every
+        cache length); worth it for a model sampled many times (benchmarks/gpu.py measures it), not
+        for a copy made per rollout, which would compile afresh each time.
         """
         if precision not in DECODE_PRECISIONS:
             raise UserError(f"decode precision must be one of {', '.join(DECODE_PRECISIONS)}, got {precision!r}")
-        if precision == "fp32":
-            return self
+        sampler = self if precision == "fp32" else self._low_precision_copy(precision)
+        if compile:
+            sampler = copy.copy(sampler)  # same weights and modules, its own forward
+            sampler.forward = torch.compile(sampler.forward, dynamic=True)
+        return sampler
+
+    def _low_precision_copy(self, precision: str) -> "GPT":
         with torch.device("meta"):  # no memory and no init for weights that are replaced at once
-            copy = GPT(replace(self.config, lora_rank=0, dropout=0.0))
-        copy.load_state_dict(self.merged_state_dict(), assign=True)
+            low = GPT(replace(self.config, lora_rank=0, dropout=0.0))
+        low.load_state_dict(self.merged_state_dict(), assign=True)
         if precision == "int8":
-            for block in copy.h:
+            for block in low.h:
                 for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")):
                     linear = getattr(parent, name)
                     setattr(parent, name, Int8Linear(linear.weight, linear.bias))
-            copy.int8_head = Int8Linear(copy.wte.weight, None)
-        return copy.to(torch.bfloat16).eval().requires_grad_(False)
+            low.int8_head = Int8Linear(low.wte.weight, None)
+        return low.to(torch.bfloat16).eval().requires_grad_(False)
 
     def logits(self, idx, attention_mask=None):
         """Full logits (B, T, V), as GPT2LMHeadModel returns them."""

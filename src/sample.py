@@ -18,7 +18,7 @@ import torch
 from checkpoints import checkpoint_info, is_checkpoint
 from cli import parser
 from common import UserError, autocast, default_precision, resolve_device, run_cli, seed_everything
-from configs import EOS_ID, PRESETS, get_preset
+from configs import DECODE_PRECISIONS, EOS_ID, PRESETS, get_preset
 from evaluate import STOP, GenParams, answer_from_tokens, load_lm
 from gpt import GPT
 from tokenizer import format_prompt, get_tokenizer
@@ -82,6 +82,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=gen.seed,
                     help=f"seeds the sampling and a preset's random weights (default {gen.seed})")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ap.add_argument("--decode-precision", choices=DECODE_PRECISIONS, default="fp32",
+                    help="weights to decode with: bf16 / int8 are a faster copy within 1e-3 nats of the model "
+                         "(GPT.for_decoding; benchmarks/decode.py measures which is fastest here) (default fp32)")
     args = ap.parse_args(argv)
     if args.model and args.model_flag and args.model != args.model_flag:
         raise UserError(f"two models given: {args.model} and --model {args.model_flag}")
@@ -91,7 +94,7 @@ def main(argv=None):
                        top_p=args.top_p, seed=args.seed)
     device = resolve_device(args.device)
     seed_everything(args.seed)
-    model = load_policy(args.model or args.model_flag, args.preset)
+    model = load_policy(args.model or args.model_flag, args.preset).to(device).for_decoding(args.decode_precision)
     prompts = args.prompt if args.raw else [format_prompt(p) for p in args.prompt]
     for prompt, answer in zip(prompts, sample(model, prompts, params, device)):
         print(prompt + answer["text"])

@@ -1,4 +1,5 @@
 """The hand-written GPT-2 against transformers, and its invariants: padding, KV cache, LoRA, heads."""
+import os
 from dataclasses import replace
 
 import pytest
@@ -231,6 +232,19 @@ def test_low_precision_sampler_is_a_frozen_copy_near_the_model(tiny_config, prec
     after = model.state_dict()
     assert all(torch.equal(v, after[k]) and v.dtype == after[k].dtype for k, v in before.items())
     assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+
+
+@pytest.mark.skipif(not os.environ.get("RUN_COMPILE_TESTS"), reason="torch.compile takes ~40 s: RUN_COMPILE_TESTS=1 runs it")
+def test_compiled_sampler_decodes_like_the_eager_one(tiny_config):
+    """for_decoding(compile=True): the same tokens as eager decoding, at two lengths, and the
+    model's own forward left uncompiled."""
+    _, model = hf_and_ours(tiny_config, std=0.05)
+    tok = get_tokenizer()
+    ids, mask = tok(["The capital of France is", "Hi", "One two three four five six"], padding_side="left")
+    compiled = model.for_decoding("fp32", compile=True)
+    assert compiled is not model and compiled.wte.weight is model.wte.weight and "forward" not in vars(model)
+    assert torch.equal(greedy(compiled, ids, mask, 12).tokens, greedy(model, ids, mask, 12).tokens)
+    assert torch.equal(greedy(compiled, ids, mask, 30).tokens, greedy(model, ids, mask, 30).tokens)
 
 
 def test_lora_zero_b_equals_base_and_merge(tiny_config):
