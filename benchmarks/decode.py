@@ -1,26 +1,33 @@
-"""Decoding speed against transformers and against the memory-bandwidth limit, with a profile.
+"""Decoding speed against transformers and against the machine's limits, with a profile.
 
-    python benchmarks/decode.py                   # gpt2-small, batch 8, 32-token prompts: ~4 minutes on 2 cores
-    python benchmarks/decode.py --precision bf16  # both sides with bf16 weights
+    python benchmarks/decode.py                     # gpt2-small, batch 8, 32-token prompts: ~8 minutes on 2 cores
     python benchmarks/decode.py --shape tiny --repeats 2
+    python benchmarks/decode.py --ours int8 --theirs fp32 --new-tokens 64
 
-Decoding one token per sequence reads every weight once per step (and the KV cache so far), and
-does little arithmetic with each byte, so at small batch its speed limit is memory bandwidth:
+Ours decodes through GPT.for_decoding(precision) for each --ours precision: fp32 is the model
+itself; bf16 and int8 (weight-only, bf16 activations) are the sampler copies PPO rollouts,
+sample.py and chat.py can use (--decode-precision). Transformers' GPT2LMHeadModel.generate
+(use_cache=True, same weights) runs with its weights in each --theirs dtype. Every call of every
+variant alternates with the others, so a slow spell of the machine hits all of them; ratios are
+taken within a round (median, min-max over the rounds).
 
-    limit (tokens/s) = batch / (bytes read per step / bandwidth)
+A decode step reads every weight once (and the KV cache so far) and does 2 flops per weight per
+sequence, so at batch B its speed has two limits, both measured in this run:
 
-with the bandwidth measured in this run (summing a 256 MiB tensor, the best of 10, before and
-after the timing) and the bytes per step = every parameter but the position table (one row of it
-is read) + the K and V of every layer up to the current length, averaged over the steps of the
-call. For each number of new tokens and both greedy decoding and sampling (full vocabulary,
-temperature 1), it prints ours (GPT.generate, KV cache, weights in --precision) and transformers'
-GPT2LMHeadModel.generate (use_cache=True, same weights), their ratio (calls alternate, ratio per pair, median) and each one's share of the
-limit; then the operators our greedy decoding spends its time in (torch.profiler).
-Writes benchmarks/results/decode.md and decode.json (decode_bf16.* with --precision bf16).
+    memory limit (tokens/s)  = B * read bandwidth / bytes read per step
+    compute limit (tokens/s) = matmul peak of the dtype / (2 * weights multiplied per token)
+
+Read bandwidth: summing a 256 MiB tensor, best of 10, before and after the timing. Bytes per step:
+every weight and buffer the sampler reads in full (the position table and, where the output layer
+has its own int8 copy, the embedding table read one row a token, are left out) plus the K and V of
+every layer at the step's length, averaged over the call (ours keeps them in fp32 on a CPU,
+transformers in its weights' dtype). Matmul peak: 2048^3 in fp32 and in bf16
+(the int8 kernel widens to bf16), best of 5. Writes benchmarks/results/decode.md and decode.json.
 """
 import harness  # noqa: I001  (first: sets flush-denormal before torch starts threads)
 
 import argparse
+import copy
 import json
 import os
 import tempfile
@@ -29,10 +36,11 @@ import time
 import torch
 
 harness.use_src()
-from configs import EOS_ID  # noqa: E402
+from configs import DECODE_PRECISIONS, EOS_ID  # noqa: E402
 from run import SHAPES, model_pair  # noqa: E402
 
 BATCH, PROMPT = 8, 32
+HF_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def read_bandwidth(repeats: int = 10) -> float:
@@ -44,21 +52,35 @@ def read_bandwidth(repeats: int = 10) -> float:
     return x.numel() * x.element_size() / best
 
 
-def bytes_per_step(model, new_tokens: int) -> float:
-    """Bytes one decoding step reads, averaged over the steps of a call: the weights (the
-    position table but one row) plus the KV cache of every layer at that step's length."""
-    cfg = model.config
-    weights = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "wpe" not in name)
-    kv_per_position = 2 * cfg.n_layer * BATCH * cfg.n_embd * model.wte.weight.element_size()  # K and V
-    mean_length = PROMPT + (new_tokens - 1) / 2
-    return weights + kv_per_position * mean_length
+def bytes_per_step(sampler, new_tokens: int, kv_bytes: int) -> float:
+    """Bytes one decoding step reads, averaged over the steps of a call: the weights read in full
+    plus the KV cache (kv_bytes per number) of every layer at that step's length."""
+    cfg = sampler.config
+    skip = ("wpe",) + (("wte",) if getattr(sampler, "int8_head", None) is not None else ())
+    tensors = list(sampler.named_parameters()) + list(sampler.named_buffers())
+    weights = sum(t.numel() * t.element_size() for name, t in tensors if not name.startswith(skip))
+    kv_per_position = 2 * cfg.n_layer * BATCH * cfg.n_embd * kv_bytes  # K and V
+    return weights + kv_per_position * (PROMPT + (new_tokens - 1) / 2)
 
 
-def profile_greedy(ours, prompt, new_tokens: int, top: int = 12) -> str:
+def flops_per_token(cfg) -> float:
+    """2 flops per weight of the block matmuls and the output layer (attention's share is <2% here)."""
+    return 2 * (12 * cfg.n_layer * cfg.n_embd ** 2 + cfg.vocab_size * cfg.n_embd)
+
+
+def profile_greedy(sampler, prompt, new_tokens: int, top: int = 12) -> str:
     from torch.profiler import ProfilerActivity, profile
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
-        ours.generate(prompt, max_new_tokens=new_tokens, temperature=0.0, eos_id=None)
+        sampler.generate(prompt, max_new_tokens=new_tokens, temperature=0.0, eos_id=None)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+
+
+def csv_choices(text: str, allowed, flag: str, p) -> list:
+    items = [x for x in text.split(",") if x]
+    bad = [x for x in items if x not in allowed]
+    if bad or not items:
+        p.exit(2, f"error: {flag} takes comma-separated values of {', '.join(allowed)}, got {text!r}\n")
+    return items
 
 
 def main(argv=None):
@@ -66,72 +88,103 @@ def main(argv=None):
                                 epilog="example: python benchmarks/decode.py --shape tiny --repeats 2",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="gpt2-small")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per side (after one warm-up call each)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (after one warm-up round)")
     p.add_argument("--new-tokens", default="64,128", help="comma-separated numbers of new tokens")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="dtype of both models' weights and KV cache; the limit counts bytes of that dtype")
-    p.add_argument("--out", help="writes OUT.md and OUT.json (default benchmarks/results/decode[_bf16])")
+    p.add_argument("--ours", default="fp32,bf16,int8", help="our decode precisions (GPT.for_decoding)")
+    p.add_argument("--theirs", default="fp32,bf16", help="dtypes of transformers' weights")
+    p.add_argument("--out", help="writes OUT.md and OUT.json (default benchmarks/results/decode)")
     args = p.parse_args(argv)
-    args.out = args.out or os.path.join(harness.HERE, "results", "decode" + ("_bf16" if args.precision == "bf16" else ""))
+    args.out = args.out or os.path.join(harness.HERE, "results", "decode")
     try:
         lengths = [int(n) for n in args.new_tokens.split(",")]
     except ValueError:
         p.exit(2, f"error: --new-tokens must be comma-separated integers, got {args.new_tokens!r}\n")
     if args.repeats < 1 or not lengths or min(lengths) < 1:
         p.exit(2, "error: --repeats and every --new-tokens value must be >= 1\n")
+    ours_precisions = csv_choices(args.ours, DECODE_PRECISIONS, "--ours", p)
+    their_dtypes = csv_choices(args.theirs, list(HF_DTYPES), "--theirs", p)
 
     bandwidths = [read_bandwidth()]  # before the models exist, and again after the timing
+    peaks = {name: harness.matmul_peak(dtype)["max"] * 1e9 for name, dtype in HF_DTYPES.items()}  # flop/s
     with tempfile.TemporaryDirectory() as workdir:
-        ours, hf = model_pair(args.shape, workdir)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
-    ours.to(dtype).eval()
-    hf.to(dtype).eval()
+        model, hf = model_pair(args.shape, workdir)
+    model.eval()
+    samplers = {f"ours {prec}": model.for_decoding(prec) for prec in ours_precisions}
+    theirs = {f"transformers {name}": copy.deepcopy(hf).to(HF_DTYPES[name]).eval() for name in their_dtypes}
+    del hf
     prompt = torch.randint(0, EOS_ID, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(prompt)
+
     rows = []
     for n in lengths:
         for mode, temperature in (("greedy", 0.0), ("sampling", 1.0)):
-            def run_ours():
-                ours.generate(prompt, max_new_tokens=n, temperature=temperature, eos_id=None)
-
-            def run_hf():  # no EOS: every row generates all n tokens, as ours does with eos_id=None
-                hf.generate(prompt, attention_mask=mask, do_sample=temperature > 0, temperature=temperature or None,
-                            top_k=0, top_p=1.0, max_new_tokens=n, use_cache=True, eos_token_id=None,
-                            pad_token_id=EOS_ID)
-
+            calls = {}
+            for name, sampler in samplers.items():
+                calls[name] = lambda s=sampler: s.generate(prompt, max_new_tokens=n, temperature=temperature, eos_id=None)
+            for name, hf_model in theirs.items():  # no EOS: every row generates all n tokens, as ours does
+                calls[name] = lambda m=hf_model: m.generate(
+                    prompt, attention_mask=mask, do_sample=temperature > 0, temperature=temperature or None,
+                    top_k=0, top_p=1.0, max_new_tokens=n, use_cache=True, eos_token_id=None, pad_token_id=EOS_ID)
+            rates = {name: [] for name in calls}
             with torch.no_grad():
-                r = harness.compare(run_ours, run_hf, work=BATCH * n, repeats=args.repeats)
-            rows.append({"shape": args.shape, "new_tokens": n, "mode": mode, **r})
-            print(f"{n} new tokens, {mode}: ours {r['ours']['median']:.0f} tok/s, transformers "
-                  f"{r['theirs']['median']:.0f}, ratio {r['ratio']['median']:.2f}", flush=True)
+                for round_ in range(args.repeats + 1):  # round 0 warms up
+                    for name, call in calls.items():
+                        rate = BATCH * n / harness.seconds(call)
+                        if round_:
+                            rates[name].append(rate)
+            row = {"shape": args.shape, "new_tokens": n, "mode": mode,
+                   "tok_s": {name: harness.summary(r) for name, r in rates.items()},
+                   "ratio": {f"{a} / {b}": harness.summary(x / y for x, y in zip(rates[a], rates[b]))
+                             for a in samplers for b in theirs}}
+            rows.append(row)
+            print(f"{n} new tokens, {mode}: " + ", ".join(f"{k} {v['median']:.0f}" for k, v in row["tok_s"].items())
+                  + " tok/s", flush=True)
     bandwidths.append(read_bandwidth())
     bandwidth = max(bandwidths)
+    limits = {}  # variant -> new tokens -> (memory limit, compute limit) in tok/s
+    for name, m in list(samplers.items()) + list(theirs.items()):
+        precision = name.split()[-1]
+        dtype = "fp32" if precision == "fp32" else "bf16"  # int8 products run in bf16
+        same_bytes = m if name in samplers else model.for_decoding(precision)  # transformers': the same tensors
+        kv_bytes = 4 if name in samplers else 2 if precision == "bf16" else 4  # GPT.generate's CPU cache is fp32
+        nbytes = {n: bytes_per_step(same_bytes, n, kv_bytes) for n in lengths}
+        limits[name] = {n: (BATCH * bandwidth / nbytes[n], peaks[dtype] / flops_per_token(model.config)) for n in lengths}
     for r in rows:
-        r["limit_tok_s"] = BATCH * bandwidth / bytes_per_step(ours, r["new_tokens"])
-    table = profile_greedy(ours, prompt, lengths[0])
+        r["limits_tok_s"] = {name: {"memory": lim[r["new_tokens"]][0], "compute": lim[r["new_tokens"]][1]}
+                             for name, lim in limits.items()}
+    fastest = max(samplers, key=lambda name: rows[0]["tok_s"][name]["median"])
+    table = profile_greedy(samplers[fastest], prompt, lengths[0])
 
-    md = [f"Command: `python benchmarks/decode.py --shape {args.shape} --precision {args.precision} --repeats {args.repeats} "
-          f"--new-tokens {args.new_tokens}` ({time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {harness.cpu_model()})",
+    theirs_cols = list(theirs)
+    md = [f"Command: `python benchmarks/decode.py --shape {args.shape} --repeats {args.repeats} --new-tokens "
+          f"{args.new_tokens} --ours {args.ours} --theirs {args.theirs}` ({time.strftime('%Y-%m-%d')}, torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads, {harness.cpu_model()})",
           "",
-          f"Batch {BATCH}, {PROMPT}-token prompts, {args.precision} weights on both sides, KV cache; read bandwidth {bandwidth / 1e9:.1f} GB/s "
+          f"Batch {BATCH}, {PROMPT}-token prompts, KV cache on both sides. Read bandwidth {bandwidth / 1e9:.1f} GB/s "
           f"(sum of a 256 MiB tensor, best of 10, before and after the timing: "
-          f"{' and '.join(f'{b / 1e9:.1f}' for b in bandwidths)} GB/s); limit = batch x bandwidth / bytes read per step.",
+          f"{' and '.join(f'{b / 1e9:.1f}' for b in bandwidths)} GB/s); matmul peak (2048^3, best of 5) "
+          f"{peaks['fp32'] / 1e9:.0f} GFLOP/s fp32, {peaks['bf16'] / 1e9:.0f} GFLOP/s bf16. Memory limit = batch x "
+          f"bandwidth / bytes read per step; compute limit = peak / (2 x weights per token).",
           "",
-          "| new tokens | decoding | ours tok/s | transformers tok/s | ours / transformers (min-max) | ours, share of limit | transformers, share of limit | limit tok/s |",
-          "|---|---|---|---|---|---|---|---|"]
+          "| new tokens | decoding | who | tok/s (min-max) | " + " | ".join(f"vs {c}" for c in theirs_cols)
+          + " | share of memory limit | memory limit tok/s | share of compute limit |",
+          "|---|---|---|---|" + "---|" * len(theirs_cols) + "---|---|---|"]
     for r in rows:
-        md.append(f"| {r['new_tokens']} | {r['mode']} | {r['ours']['median']:.0f} | {r['theirs']['median']:.0f} | "
-                  f"{r['ratio']['median']:.2f} ({r['ratio']['min']:.2f}-{r['ratio']['max']:.2f}) | "
-                  f"{r['ours']['median'] / r['limit_tok_s']:.0%} | {r['theirs']['median'] / r['limit_tok_s']:.0%} | "
-                  f"{r['limit_tok_s']:.0f} |")
-    md += ["", f"Where our greedy decoding of {lengths[0]} tokens spends its time (torch.profiler, self CPU time):",
-           "", "```", table.rstrip(), "```", ""]
+        for name, t in r["tok_s"].items():
+            vs = [(f"{r['ratio'][f'{name} / {c}']['median']:.2f} ({r['ratio'][f'{name} / {c}']['min']:.2f}-"
+                   f"{r['ratio'][f'{name} / {c}']['max']:.2f})") if name in samplers else "" for c in theirs_cols]
+            lim = r["limits_tok_s"][name]
+            md.append(f"| {r['new_tokens']} | {r['mode']} | {name} | {t['median']:.0f} ({t['min']:.0f}-{t['max']:.0f}) | "
+                      + " | ".join(vs) + f" | {t['median'] / lim['memory']:.0%} | {lim['memory']:.0f} | "
+                      f"{t['median'] / lim['compute']:.0%} |")
+    md += ["", f"Where the fastest of ours ({fastest}) spends greedy decoding of {lengths[0]} tokens "
+           "(torch.profiler, self CPU time):", "", "```", table.rstrip(), "```", ""]
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(md))
     with open(args.out + ".json", "w") as f:
-        json.dump({"bandwidth_bytes_s": bandwidths, "rows": rows, "profile": table}, f, indent=1)
+        json.dump({"bandwidth_bytes_s": bandwidths, "matmul_peak_flop_s": peaks, "rows": rows,
+                   "profiled": fastest, "profile": table}, f, indent=1)
     print("\n".join(md))
     print(f"wrote {args.out}.md and {args.out}.json")
 

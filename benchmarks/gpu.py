@@ -7,8 +7,9 @@
 2. SFT step (forward, backward, clip, fused AdamW) of a gpt2-medium-shaped model (random weights)
    in bf16 autocast at sequence 1024, loss on every token: tokens/s and MFU against that peak,
    eager and torch.compile'd; and transformers' GPT2LMHeadModel(labels=) on the same batch.
-3. Generation, ours (KV cache) vs transformers generate(use_cache=True), same weights, batch 8,
-   32-token prompts, 128 new tokens, sampling, bf16 autocast.
+3. Generation, ours (KV cache; the model itself, its bf16 sampler copy, and that copy
+   torch.compile'd) vs transformers generate(use_cache=True), same weights, batch 8, 32-token
+   prompts, 128 new tokens, sampling, bf16 autocast.
 Writes benchmarks/results/gpu-latest.md/.json (dry runs: gpu-dry-run.md/.json).
 """
 import harness  # noqa: I001  (first: flush-denormal, harmless on the GPU side)
@@ -61,7 +62,7 @@ def main():
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: checks the script runs")
     ap.add_argument("--batch", type=int, default=8, help="sequences per SFT step")
     ap.add_argument("--steps", type=int, default=10, help="timed SFT steps (after 3 warm-up steps)")
-    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd SFT step")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd SFT step and sampler")
     ap.add_argument("--out", default=os.path.join(harness.HERE, "results"))
     args = ap.parse_args()
     t_start = time.time()
@@ -143,10 +144,14 @@ def main():
     g_ours = g_ours.to(device).eval()
     prompt = torch.randint(0, EOS_ID, (8, 32), device=device)
 
-    def gen_ours():
+    samplers = {"ours, fp32 weights": g_ours, "ours, bf16 sampler": g_ours.for_decoding("bf16")}
+    if not args.no_compile:
+        samplers["ours, bf16 sampler, compiled"] = g_ours.for_decoding("bf16", compile=True)
+
+    def gen(sampler):
         with torch.autocast(device.type, dtype=dtype):
-            ours_out = g_ours.generate(prompt, max_new_tokens=new_tokens, eos_id=None)
-        assert ours_out.tokens.shape == (8, 32 + new_tokens)
+            out = sampler.generate(prompt, max_new_tokens=new_tokens, eos_id=None)
+        assert out.tokens.shape == (8, 32 + new_tokens)
 
     def gen_hf():
         with torch.autocast(device.type, dtype=dtype):
@@ -156,20 +161,21 @@ def main():
 
     log("generation")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    calls = {**{name: (lambda s=s: gen(s)) for name, s in samplers.items()}, "transformers": gen_hf}
+    rates, warmup_s = {name: [] for name in calls}, {}
     with torch.no_grad():
-        gen_ours(), gen_hf()
-        pairs = []
-        for _ in range(3 if not args.dry_run else 1):
-            sync()
-            a = 8 * new_tokens / harness.seconds(gen_ours, sync)
-            b = 8 * new_tokens / harness.seconds(gen_hf, sync)
-            pairs.append((a, b))
+        for name, call in calls.items():  # warm-up (the compiled sampler compiles here)
+            warmup_s[name] = harness.seconds(call, sync)
+        for _ in range(3 if not args.dry_run else 1):  # rounds alternate, so a slow spell hits every variant
+            for name, call in calls.items():
+                rates[name].append(8 * new_tokens / harness.seconds(call, sync))
     res["generation"] = {"shape": "gpt2-medium" if not args.dry_run else "tiny", "batch": 8, "prompt": 32,
-                         "new_tokens": new_tokens, "ours": harness.summary(a for a, _ in pairs),
-                         "theirs": harness.summary(b for _, b in pairs),
-                         "ratio": harness.summary(a / b for a, b in pairs)}
-    log(f"  ours {res['generation']['ours']['median']:.0f} tok/s, transformers "
-        f"{res['generation']['theirs']['median']:.0f} tok/s")
+                         "new_tokens": new_tokens, "warmup_s": warmup_s,
+                         "tok_s": {name: harness.summary(r) for name, r in rates.items()},
+                         "ratio": {name: harness.summary(a / b for a, b in zip(rates[name], rates["transformers"]))
+                                   for name in samplers}}
+    for name, t in res["generation"]["tok_s"].items():
+        log(f"  {name}: {t['median']:.0f} tok/s (warm-up {warmup_s[name]:.1f} s)")
     shutil.rmtree(hf_dir, ignore_errors=True)
     res["elapsed_s"] = time.time() - t_start
 
@@ -187,8 +193,13 @@ def main():
                   f"({100 * r['mfu_palm']:.1f}%) | {r['warmup_s']:.1f} |")
     g = res["generation"]
     md += ["", f"Generation, {g['shape']} shape, batch 8, 32-token prompts, {g['new_tokens']} new tokens, sampling, "
-           f"bf16: ours {g['ours']['median']:.0f} tok/s, transformers {g['theirs']['median']:.0f} tok/s, "
-           f"ratio {g['ratio']['median']:.2f} ({g['ratio']['min']:.2f}–{g['ratio']['max']:.2f}).", ""]
+           "bf16 autocast (the samplers: GPT.for_decoding):", "",
+           "| | tokens/s | / transformers | warm-up s |", "|---|---|---|---|"]
+    for name, t in g["tok_s"].items():
+        r = g["ratio"].get(name)
+        md.append(f"| {name} | {t['median']:.0f} | " + (f"{r['median']:.2f} ({r['min']:.2f}–{r['max']:.2f})" if r else "")
+                  + f" | {g['warmup_s'][name]:.1f} |")
+    md.append("")
     for ext, text in (("json", json.dumps(res, indent=1)), ("md", "\n".join(md))):
         path = os.path.join(args.out, f"{name}.{ext}")
         with open(path + ".tmp", "w") as f:
