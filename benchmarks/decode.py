@@ -2,11 +2,13 @@
 
     python benchmarks/decode.py                     # gpt2-small, batch 8, 32-token prompts: ~8 minutes on 2 cores
     python benchmarks/decode.py --shape tiny --repeats 2
-    python benchmarks/decode.py --ours int8 --theirs fp32 --new-tokens 64
+    python benchmarks/decode.py --ours int8 --theirs fp32 --new-tokens 64 --compile --out benchmarks/results/decode_compile
 
 Ours decodes through GPT.for_decoding(precision) for each --ours precision: fp32 is the model
 itself; bf16 and int8 (weight-only, bf16 activations) are the sampler copies PPO rollouts,
-sample.py and chat.py can use (--decode-precision). Transformers' GPT2LMHeadModel.generate
+sample.py and chat.py can use (--decode-precision); --compile adds each of them torch.compile'd
+(for_decoding(..., compile=True); its compilation happens in the warm-up round and is reported
+apart). Transformers' GPT2LMHeadModel.generate
 (use_cache=True, same weights) runs with its weights in each --theirs dtype. Every call of every
 variant alternates with the others, so a slow spell of the machine hits all of them; ratios are
 taken within a round (median, min-max over the rounds).
@@ -92,6 +94,7 @@ def main(argv=None):
     p.add_argument("--new-tokens", default="64,128", help="comma-separated numbers of new tokens")
     p.add_argument("--ours", default="fp32,bf16,int8", help="our decode precisions (GPT.for_decoding)")
     p.add_argument("--theirs", default="fp32,bf16", help="dtypes of transformers' weights")
+    p.add_argument("--compile", action="store_true", help="also time each of ours torch.compile'd")
     p.add_argument("--out", help="writes OUT.md and OUT.json (default benchmarks/results/decode)")
     args = p.parse_args(argv)
     args.out = args.out or os.path.join(harness.HERE, "results", "decode")
@@ -110,6 +113,8 @@ def main(argv=None):
         model, hf = model_pair(args.shape, workdir)
     model.eval()
     samplers = {f"ours {prec}": model.for_decoding(prec) for prec in ours_precisions}
+    if args.compile:
+        samplers |= {f"ours compiled {prec}": model.for_decoding(prec, compile=True) for prec in ours_precisions}
     theirs = {f"transformers {name}": copy.deepcopy(hf).to(HF_DTYPES[name]).eval() for name in their_dtypes}
     del hf
     prompt = torch.randint(0, EOS_ID, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
@@ -125,14 +130,16 @@ def main(argv=None):
                 calls[name] = lambda m=hf_model: m.generate(
                     prompt, attention_mask=mask, do_sample=temperature > 0, temperature=temperature or None,
                     top_k=0, top_p=1.0, max_new_tokens=n, use_cache=True, eos_token_id=None, pad_token_id=EOS_ID)
-            rates = {name: [] for name in calls}
+            rates, warmup_s = {name: [] for name in calls}, {}
             with torch.no_grad():
-                for round_ in range(args.repeats + 1):  # round 0 warms up
+                for round_ in range(args.repeats + 1):  # round 0 warms up (and compiles)
                     for name, call in calls.items():
-                        rate = BATCH * n / harness.seconds(call)
+                        seconds = harness.seconds(call)
                         if round_:
-                            rates[name].append(rate)
-            row = {"shape": args.shape, "new_tokens": n, "mode": mode,
+                            rates[name].append(BATCH * n / seconds)
+                        else:
+                            warmup_s[name] = seconds
+            row = {"shape": args.shape, "new_tokens": n, "mode": mode, "warmup_s": warmup_s,
                    "tok_s": {name: harness.summary(r) for name, r in rates.items()},
                    "ratio": {f"{a} / {b}": harness.summary(x / y for x, y in zip(rates[a], rates[b]))
                              for a in samplers for b in theirs}}
@@ -157,7 +164,8 @@ def main(argv=None):
 
     theirs_cols = list(theirs)
     md = [f"Command: `python benchmarks/decode.py --shape {args.shape} --repeats {args.repeats} --new-tokens "
-          f"{args.new_tokens} --ours {args.ours} --theirs {args.theirs}` ({time.strftime('%Y-%m-%d')}, torch "
+          f"{args.new_tokens} --ours {args.ours} --theirs {args.theirs}{' --compile' if args.compile else ''}` "
+          f"({time.strftime('%Y-%m-%d')}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, {harness.cpu_model()})",
           "",
           f"Batch {BATCH}, {PROMPT}-token prompts, KV cache on both sides. Read bandwidth {bandwidth / 1e9:.1f} GB/s "
@@ -167,8 +175,8 @@ def main(argv=None):
           f"bandwidth / bytes read per step; compute limit = peak / (2 x weights per token).",
           "",
           "| new tokens | decoding | who | tok/s (min-max) | " + " | ".join(f"vs {c}" for c in theirs_cols)
-          + " | share of memory limit | memory limit tok/s | share of compute limit |",
-          "|---|---|---|---|" + "---|" * len(theirs_cols) + "---|---|---|"]
+          + " | share of memory limit | memory limit tok/s | share of compute limit | warm-up call s |",
+          "|---|---|---|---|" + "---|" * len(theirs_cols) + "---|---|---|---|"]
     for r in rows:
         for name, t in r["tok_s"].items():
             vs = [(f"{r['ratio'][f'{name} / {c}']['median']:.2f} ({r['ratio'][f'{name} / {c}']['min']:.2f}-"
@@ -176,7 +184,7 @@ def main(argv=None):
             lim = r["limits_tok_s"][name]
             md.append(f"| {r['new_tokens']} | {r['mode']} | {name} | {t['median']:.0f} ({t['min']:.0f}-{t['max']:.0f}) | "
                       + " | ".join(vs) + f" | {t['median'] / lim['memory']:.0%} | {lim['memory']:.0f} | "
-                      f"{t['median'] / lim['compute']:.0%} |")
+                      f"{t['median'] / lim['compute']:.0%} | {r['warmup_s'][name]:.1f} |")
     md += ["", f"Where the fastest of ours ({fastest}) spends greedy decoding of {lengths[0]} tokens "
            "(torch.profiler, self CPU time):", "", "```", table.rstrip(), "```", ""]
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
