@@ -165,7 +165,8 @@ def rm_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_data", "missing_init", "wrong_preset", "empty_data", "rm_as_actor_init",
-                                  "bad_json", "negative_lr", "zero_minibatch", "name_escapes_runs", "rm_as_policy"])
+                                  "bad_json", "negative_lr", "zero_minibatch", "unknown_decode_precision",
+                                  "name_escapes_runs", "rm_as_policy"])
 def test_bad_input_is_one_line_and_exit_2(case, sft_run, data, tmp_path):
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"prompt": "x", "response": ""}])
     bad = tmp_path / "bad.jsonl"
@@ -184,6 +185,8 @@ def test_bad_input_is_one_line_and_exit_2(case, sft_run, data, tmp_path):
         "negative_lr": ["train_sft.py", "--preset", "nano", "--data", data["sft"], "--lr", "-1", *base],
         "zero_minibatch": ["train_ppo.py", "-a", sft_run, "-c", sft_run, "--prompts", data["sft"], "--part", "all",
                            "--minibatch-size", "0"],
+        "unknown_decode_precision": ["train_ppo.py", "-a", sft_run, "-c", sft_run, "--prompts", data["sft"],
+                                     "--part", "all", "--decode-precision", "int4"],
         "name_escapes_runs": ["train_sft.py", "--preset", "nano", "--data", data["sft"], "-n", "../../x", *base],
         "rm_as_policy": ["evaluate.py", "-s", rm_checkpoint(tmp_path), "-p", sft_run, "--prompts", data["sft"],
                          "--judge", "gold", "--out-dir", tmp_path / "eval"],
@@ -196,7 +199,9 @@ def test_bad_input_is_one_line_and_exit_2(case, sft_run, data, tmp_path):
     expected = {"missing_data": "not found", "missing_init": "not found", "wrong_preset": "does not fit the preset",
                 "empty_data": "no usable examples", "rm_as_actor_init": "expected a rm checkpoint",
                 "bad_json": "line 2", "negative_lr": "--lr must be > 0, got -1.0",
-                "zero_minibatch": "--minibatch-size must be >= 1", "name_escapes_runs": "no path separators",
+                "zero_minibatch": "--minibatch-size must be >= 1",
+                "unknown_decode_precision": "--decode-precision 'int4': use one of fp32, bf16, int8",
+                "name_escapes_runs": "no path separators",
                 "rm_as_policy": "holds a rm model"}[case]
     assert expected in lines[0], lines[0]
     assert not glob.glob(str(tmp_path / "sft_*" / "final")), "a run trained despite bad input"
