@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import randomize_
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -11,6 +12,7 @@ from common import UserError
 from configs import ModelConfig, get_preset
 from gpt import (
     GPT,
+    Int8Linear,
     KVCache,
     RewardModel,
     ValueModel,
@@ -232,6 +234,22 @@ def test_low_precision_sampler_is_a_frozen_copy_near_the_model(tiny_config, prec
     after = model.state_dict()
     assert all(torch.equal(v, after[k]) and v.dtype == after[k].dtype for k, v in before.items())
     assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_int8_linear_is_the_fp32_product_within_rounding_on_both_paths(monkeypatch):
+    """Int8Linear: torch's fused int8 x bf16 kernel (the CPU path) and the widen-then-multiply path
+    (used where that kernel does not exist) agree, and both stay within 2% of the fp32 product."""
+    g = torch.Generator().manual_seed(0)
+    w, b, x = torch.randn(48, 64, generator=g), torch.randn(48, generator=g), torch.randn(5, 3, 64, generator=g)
+    layer = Int8Linear(w, b)
+    want = F.linear(x, w, b)  # (5, 3, 48)
+    fused = layer(x).float()
+    monkeypatch.delattr(torch, "_weight_int8pack_mm")
+    widened = layer(x).float()
+    assert fused.shape == widened.shape == want.shape
+    for got in (fused, widened):
+        assert (got - want).abs().max() < 0.02 * want.abs().max()
+    torch.testing.assert_close(fused, widened, atol=0.02 * want.abs().max().item(), rtol=0)
 
 
 @pytest.mark.skipif(not os.environ.get("RUN_COMPILE_TESTS"), reason="torch.compile takes ~40 s: RUN_COMPILE_TESTS=1 runs it")
