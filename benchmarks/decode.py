@@ -1,8 +1,10 @@
 """Decoding speed against transformers and against the machine's limits, with a profile.
 
-    python benchmarks/decode.py                     # gpt2-small, batch 8, 32-token prompts: ~8 minutes on 2 cores
+    python benchmarks/decode.py                     # gpt2-small, batch 8, 32-token prompts: ~5 minutes on 2 cores
     python benchmarks/decode.py --shape tiny --repeats 2
-    python benchmarks/decode.py --ours int8 --theirs fp32 --new-tokens 64 --compile --out benchmarks/results/decode_compile
+    python benchmarks/decode.py --batch 64 --prompt-len 64 --new-tokens 32 --out benchmarks/results/decode_b64
+    python benchmarks/decode.py --ours int8 --theirs fp32 --new-tokens 64 --compile \
+        --out benchmarks/results/decode_compile
 
 Ours decodes through GPT.for_decoding(precision) for each --ours precision: fp32 is the model
 itself; bf16 and int8 (weight-only, bf16 activations) are the sampler copies PPO rollouts,
@@ -41,7 +43,6 @@ harness.use_src()
 from configs import DECODE_PRECISIONS, EOS_ID  # noqa: E402
 from run import SHAPES, model_pair  # noqa: E402
 
-BATCH, PROMPT = 8, 32
 HF_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -54,15 +55,15 @@ def read_bandwidth(repeats: int = 10) -> float:
     return x.numel() * x.element_size() / best
 
 
-def bytes_per_step(sampler, new_tokens: int, kv_bytes: int) -> float:
+def bytes_per_step(sampler, batch: int, prompt_len: int, new_tokens: int, kv_bytes: int) -> float:
     """Bytes one decoding step reads, averaged over the steps of a call: the weights read in full
     plus the KV cache (kv_bytes per number) of every layer at that step's length."""
     cfg = sampler.config
     skip = ("wpe",) + (("wte",) if getattr(sampler, "int8_head", None) is not None else ())
     tensors = list(sampler.named_parameters()) + list(sampler.named_buffers())
     weights = sum(t.numel() * t.element_size() for name, t in tensors if not name.startswith(skip))
-    kv_per_position = 2 * cfg.n_layer * BATCH * cfg.n_embd * kv_bytes  # K and V
-    return weights + kv_per_position * (PROMPT + (new_tokens - 1) / 2)
+    kv_per_position = 2 * cfg.n_layer * batch * cfg.n_embd * kv_bytes  # K and V
+    return weights + kv_per_position * (prompt_len + (new_tokens - 1) / 2)
 
 
 def flops_per_token(cfg) -> float:
@@ -90,6 +91,8 @@ def main(argv=None):
                                 epilog="example: python benchmarks/decode.py --shape tiny --repeats 2",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="gpt2-small")
+    p.add_argument("--batch", type=int, default=8, help="sequences decoded together")
+    p.add_argument("--prompt-len", type=int, default=32, help="tokens in every prompt")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (after one warm-up round)")
     p.add_argument("--new-tokens", default="64,128", help="comma-separated numbers of new tokens")
     p.add_argument("--ours", default="fp32,bf16,int8", help="our decode precisions (GPT.for_decoding)")
@@ -102,8 +105,8 @@ def main(argv=None):
         lengths = [int(n) for n in args.new_tokens.split(",")]
     except ValueError:
         p.exit(2, f"error: --new-tokens must be comma-separated integers, got {args.new_tokens!r}\n")
-    if args.repeats < 1 or not lengths or min(lengths) < 1:
-        p.exit(2, "error: --repeats and every --new-tokens value must be >= 1\n")
+    if min([args.repeats, args.batch, args.prompt_len] + lengths) < 1:
+        p.exit(2, "error: --repeats, --batch, --prompt-len and every --new-tokens value must be >= 1\n")
     ours_precisions = csv_choices(args.ours, DECODE_PRECISIONS, "--ours", p)
     their_dtypes = csv_choices(args.theirs, list(HF_DTYPES), "--theirs", p)
 
@@ -117,7 +120,8 @@ def main(argv=None):
         samplers |= {f"ours compiled {prec}": model.for_decoding(prec, compile=True) for prec in ours_precisions}
     theirs = {f"transformers {name}": copy.deepcopy(hf).to(HF_DTYPES[name]).eval() for name in their_dtypes}
     del hf
-    prompt = torch.randint(0, EOS_ID, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
+    B = args.batch
+    prompt = torch.randint(0, EOS_ID, (B, args.prompt_len), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(prompt)
 
     rows = []
@@ -125,7 +129,8 @@ def main(argv=None):
         for mode, temperature in (("greedy", 0.0), ("sampling", 1.0)):
             calls = {}
             for name, sampler in samplers.items():
-                calls[name] = lambda s=sampler: s.generate(prompt, max_new_tokens=n, temperature=temperature, eos_id=None)
+                calls[name] = lambda s=sampler: s.generate(prompt, max_new_tokens=n, temperature=temperature,
+                                                           eos_id=None)
             for name, hf_model in theirs.items():  # no EOS: every row generates all n tokens, as ours does
                 calls[name] = lambda m=hf_model: m.generate(
                     prompt, attention_mask=mask, do_sample=temperature > 0, temperature=temperature or None,
@@ -136,7 +141,7 @@ def main(argv=None):
                     for name, call in calls.items():
                         seconds = harness.seconds(call)
                         if round_:
-                            rates[name].append(BATCH * n / seconds)
+                            rates[name].append(B * n / seconds)
                         else:
                             warmup_s[name] = seconds
             row = {"shape": args.shape, "new_tokens": n, "mode": mode, "warmup_s": warmup_s,
@@ -154,8 +159,9 @@ def main(argv=None):
         dtype = "fp32" if precision == "fp32" else "bf16"  # int8 products run in bf16
         same_bytes = m if name in samplers else model.for_decoding(precision)  # transformers': the same tensors
         kv_bytes = 4 if name in samplers else 2 if precision == "bf16" else 4  # GPT.generate's CPU cache is fp32
-        nbytes = {n: bytes_per_step(same_bytes, n, kv_bytes) for n in lengths}
-        limits[name] = {n: (BATCH * bandwidth / nbytes[n], peaks[dtype] / flops_per_token(model.config)) for n in lengths}
+        nbytes = {n: bytes_per_step(same_bytes, B, args.prompt_len, n, kv_bytes) for n in lengths}
+        compute_limit = peaks[dtype] / flops_per_token(model.config)
+        limits[name] = {n: (B * bandwidth / nbytes[n], compute_limit) for n in lengths}
     for r in rows:
         r["limits_tok_s"] = {name: {"memory": lim[r["new_tokens"]][0], "compute": lim[r["new_tokens"]][1]}
                              for name, lim in limits.items()}
@@ -163,12 +169,13 @@ def main(argv=None):
     table = profile_greedy(samplers[fastest], prompt, lengths[0])
 
     theirs_cols = list(theirs)
-    md = [f"Command: `python benchmarks/decode.py --shape {args.shape} --repeats {args.repeats} --new-tokens "
-          f"{args.new_tokens} --ours {args.ours} --theirs {args.theirs}{' --compile' if args.compile else ''}` "
+    md = [f"Command: `python benchmarks/decode.py --shape {args.shape} --batch {B} --prompt-len {args.prompt_len} "
+          f"--repeats {args.repeats} --new-tokens {args.new_tokens} --ours {args.ours} --theirs {args.theirs}"
+          f"{' --compile' if args.compile else ''}` "
           f"({time.strftime('%Y-%m-%d')}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, {harness.cpu_model()})",
           "",
-          f"Batch {BATCH}, {PROMPT}-token prompts, KV cache on both sides. Read bandwidth {bandwidth / 1e9:.1f} GB/s "
+          f"Batch {B}, {args.prompt_len}-token prompts, KV cache on both sides. Read bandwidth {bandwidth / 1e9:.1f} GB/s "
           f"(sum of a 256 MiB tensor, best of 10, before and after the timing: "
           f"{' and '.join(f'{b / 1e9:.1f}' for b in bandwidths)} GB/s); matmul peak (2048^3, best of 5) "
           f"{peaks['fp32'] / 1e9:.0f} GFLOP/s fp32, {peaks['bf16'] / 1e9:.0f} GFLOP/s bf16. Memory limit = batch x "
@@ -182,7 +189,8 @@ def main(argv=None):
             vs = [(f"{r['ratio'][f'{name} / {c}']['median']:.2f} ({r['ratio'][f'{name} / {c}']['min']:.2f}-"
                    f"{r['ratio'][f'{name} / {c}']['max']:.2f})") if name in samplers else "" for c in theirs_cols]
             lim = r["limits_tok_s"][name]
-            md.append(f"| {r['new_tokens']} | {r['mode']} | {name} | {t['median']:.0f} ({t['min']:.0f}-{t['max']:.0f}) | "
+            md.append(f"| {r['new_tokens']} | {r['mode']} | {name} | "
+                      f"{t['median']:.0f} ({t['min']:.0f}-{t['max']:.0f}) | "
                       + " | ".join(vs) + f" | {t['median'] / lim['memory']:.0%} | {lim['memory']:.0f} | "
                       f"{t['median'] / lim['compute']:.0%} | {r['warmup_s'][name]:.1f} |")
     md += ["", f"Where the fastest of ours ({fastest}) spends greedy decoding of {lengths[0]} tokens "

@@ -195,10 +195,10 @@ def main():
     md += ["", f"Generation, {g['shape']} shape, batch 8, 32-token prompts, {g['new_tokens']} new tokens, sampling, "
            "bf16 autocast (the samplers: GPT.for_decoding):", "",
            "| | tokens/s | / transformers | warm-up s |", "|---|---|---|---|"]
-    for name, t in g["tok_s"].items():
-        r = g["ratio"].get(name)
-        md.append(f"| {name} | {t['median']:.0f} | " + (f"{r['median']:.2f} ({r['min']:.2f}–{r['max']:.2f})" if r else "")
-                  + f" | {g['warmup_s'][name]:.1f} |")
+    for who, t in g["tok_s"].items():
+        r = g["ratio"].get(who)
+        ratio = f"{r['median']:.2f} ({r['min']:.2f}–{r['max']:.2f})" if r else ""
+        md.append(f"| {who} | {t['median']:.0f} | {ratio} | {g['warmup_s'][who]:.1f} |")
     md.append("")
     for ext, text in (("json", json.dumps(res, indent=1)), ("md", "\n".join(md))):
         path = os.path.join(args.out, f"{name}.{ext}")

@@ -197,25 +197,31 @@ class Int8Linear(nn.Module):
 
     Weight-only quantisation (as in LLM.int8's absmax scheme, Dettmers et al. 2022, per row and
     without outliers kept apart): a decode step reads each weight once, so a quarter of fp32's
-    bytes is up to 4x less time where memory is the limit. Activations stay in bf16. On the CPU
-    this is torch's fused int8 x bf16 kernel; elsewhere the weight is widened before the product
-    (correct, not fast: use bf16 there).
+    bytes is up to 4x less time where memory is the limit. Activations stay in bf16. On the CPU,
+    for up to `fused_max_rows` rows (a decode step), this is torch's fused int8 x bf16 kernel; for
+    more rows (a prompt, a large batch), and off the CPU, the weight is widened to bf16 and the
+    scale applied to the product, which beats the fused kernel there (on this project's CPU from
+    ~32 rows for a block's layers, ~300 for the 50257-row output layer).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], dtype=torch.bfloat16):
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], dtype=torch.bfloat16,
+                 fused_max_rows: int = 32):
         super().__init__()
         weight = weight.detach().float()  # (out, in)
         scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
         self.register_buffer("weight", torch.round(weight / scale[:, None]).to(torch.int8))
         self.register_buffer("scale", scale.to(dtype))
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
+        self.fused_max_rows = fused_max_rows
 
     def forward(self, x):  # (..., in) -> (..., out)
         x2 = x.reshape(-1, x.size(-1)).to(self.scale.dtype)  # (N, in)
-        if x2.device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm"):  # a private op: may go away
+        fused = (x2.device.type == "cpu" and x2.size(0) <= self.fused_max_rows
+                 and hasattr(torch, "_weight_int8pack_mm"))  # a private op: may go away
+        if fused:
             y = torch._weight_int8pack_mm(x2.contiguous(), self.weight, self.scale)  # (N, out)
         else:
-            y = F.linear(x2, self.weight.to(x2.dtype)) * self.scale
+            y = F.linear(x2, self.weight.to(x2.dtype)) * self.scale  # (N, out)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], -1)
@@ -298,8 +304,8 @@ class GPT(nn.Module):
         and bf16 for the rest. A decode step reads every weight once, so fewer bytes per weight
         is faster where the CPU's bf16 kernels are (benchmarks/decode.py measures which wins). The
         copy is for choosing tokens only: log-probs that a loss uses come from the model itself.
-        compile=True runs its forward through torch.compile (dynamic shapes: one graph serves every
-        cache length); worth it for a model sampled many times (benchmarks/gpu.py measures it), not
+        compile=True runs its forward through torch.compile (dynamic=True, so growing cache lengths
+        do not each compile anew); worth it for a model sampled many times (benchmarks/gpu.py measures it), not
         for a copy made per rollout, which would compile afresh each time.
         """
         if precision not in DECODE_PRECISIONS:
@@ -316,10 +322,11 @@ class GPT(nn.Module):
         low.load_state_dict(self.merged_state_dict(), assign=True)
         if precision == "int8":
             for block in low.h:
-                for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")):
+                for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"),
+                                     (block.mlp, "c_fc"), (block.mlp, "c_proj")):
                     linear = getattr(parent, name)
                     setattr(parent, name, Int8Linear(linear.weight, linear.bias))
-            low.int8_head = Int8Linear(low.wte.weight, None)
+            low.int8_head = Int8Linear(low.wte.weight, None, fused_max_rows=256)
         return low.to(torch.bfloat16).eval().requires_grad_(False)
 
     def logits(self, idx, attention_mask=None):
@@ -362,8 +369,8 @@ class GPT(nn.Module):
         if stop_strings and tokenizer is None:
             raise ValueError("stop_strings needs a tokenizer to read the text")
         stop_window = max((len(s.encode()) for s in stop_strings), default=0) + 1  # tokens >= 1 byte
-        # A CPU attends one query to an fp32 cache faster than to a bf16 one (~7% of a bf16 / int8
-        # sampler's decoding time at gpt2-small shape, measured), so there the cache is always fp32.
+        # A CPU attends one query to an fp32 cache faster than to a bf16 one (int8 sampler, gpt2-small
+        # shape, batch 8: 453 -> 484 tokens/s, measured), so there the cache is always fp32.
         cache_dtype = torch.float32 if device.type == "cpu" else None
         cache = KVCache(self.config.n_layer, Tp + max_new_tokens, cache_dtype) if use_cache else None
         new = prompt_ids.new_full((B, max_new_tokens), EOS_ID if eos_id is None else eos_id)  # (B, Tn)

@@ -77,8 +77,8 @@ class PPOModels:
         sampler = _unwrap(self.actor).for_decoding(self.decode_precision)
         with self.autocast():
             return sampler.generate(prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
-                                                temperature=self.temperature, top_k=self.top_k, eos_id=EOS_ID,
-                                                generator=generator)
+                                    temperature=self.temperature, top_k=self.top_k, eos_id=EOS_ID,
+                                    generator=generator)
 
     def logprobs(self, tokens, attention_mask, prompt_len: int, with_entropy: bool = False, policy=None):
         """log pi(a_t | s_t) of the response tokens tokens[:, Tp:] under `policy` (default the actor):

@@ -237,22 +237,26 @@ def test_low_precision_sampler_is_a_frozen_copy_near_the_model(tiny_config, prec
 
 
 def test_int8_linear_is_the_fp32_product_within_rounding_on_both_paths(monkeypatch):
-    """Int8Linear: torch's fused int8 x bf16 kernel (the CPU path) and the widen-then-multiply path
-    (used where that kernel does not exist) agree, and both stay within 2% of the fp32 product."""
+    """Int8Linear: torch's fused int8 x bf16 kernel (few rows on the CPU) and the widen-then-multiply
+    path (many rows, or no such kernel) agree, and both stay within 2% of the fp32 product."""
     g = torch.Generator().manual_seed(0)
     w, b, x = torch.randn(48, 64, generator=g), torch.randn(48, generator=g), torch.randn(5, 3, 64, generator=g)
     layer = Int8Linear(w, b)
     want = F.linear(x, w, b)  # (5, 3, 48)
     fused = layer(x).float()
-    monkeypatch.delattr(torch, "_weight_int8pack_mm")
+    layer.fused_max_rows = 14  # 15 rows: the widening path
     widened = layer(x).float()
+    monkeypatch.delattr(torch, "_weight_int8pack_mm")
+    layer.fused_max_rows = 32
+    torch.testing.assert_close(layer(x).float(), widened, atol=0, rtol=0)  # no fused kernel: the same path
     assert fused.shape == widened.shape == want.shape
     for got in (fused, widened):
         assert (got - want).abs().max() < 0.02 * want.abs().max()
     torch.testing.assert_close(fused, widened, atol=0.02 * want.abs().max().item(), rtol=0)
 
 
-@pytest.mark.skipif(not os.environ.get("RUN_COMPILE_TESTS"), reason="torch.compile takes ~40 s: RUN_COMPILE_TESTS=1 runs it")
+@pytest.mark.skipif(not os.environ.get("RUN_COMPILE_TESTS"),
+                    reason="torch.compile takes ~40 s: RUN_COMPILE_TESTS=1 runs it")
 def test_compiled_sampler_decodes_like_the_eager_one(tiny_config):
     """for_decoding(compile=True): the same tokens as eager decoding, at two lengths, and the
     model's own forward left uncompiled."""

@@ -214,7 +214,8 @@ def test_a_low_precision_sampler_stays_within_1e_3_nats_of_the_trained_policy(wo
         Tp, resp = gen.prompt_len, gen.response_mask[:, gen.prompt_len:].bool()
         want = torch.log_softmax(policy.logits(gen.tokens, gen.attention_mask)[:, Tp - 1:-1], -1)
         entropy = -(want.exp() * want).sum(-1)[resp].mean()
-        got = torch.log_softmax(policy.for_decoding(precision).logits(gen.tokens, gen.attention_mask)[:, Tp - 1:-1].float(), -1)
+        sampler = policy.for_decoding(precision)
+        got = torch.log_softmax(sampler.logits(gen.tokens, gen.attention_mask)[:, Tp - 1:-1].float(), -1)
     kl = (want.exp() * (want - got)).sum(-1)[resp]  # (n,) one per response token
     assert entropy < 3.0, entropy  # a peaked policy, where rounding errors matter most
     print(precision, f"entropy {entropy:.2f}, KL mean {kl.mean():.2e} max {kl.max():.2e}")
