@@ -10,10 +10,10 @@ Ours decodes through GPT.for_decoding(precision) for each --ours precision: fp32
 itself; bf16 and int8 (weight-only, bf16 activations) are the sampler copies PPO rollouts,
 sample.py and chat.py can use (--decode-precision); --compile adds each of them torch.compile'd
 (for_decoding(..., compile=True); its compilation happens in the warm-up round and is reported
-apart). Transformers' GPT2LMHeadModel.generate
-(use_cache=True, same weights) runs with its weights in each --theirs dtype. Every call of every
-variant alternates with the others, so a slow spell of the machine hits all of them; ratios are
-taken within a round (median, min-max over the rounds).
+apart). Transformers' GPT2LMHeadModel.generate (use_cache=True, same weights) runs with its
+weights in each --theirs dtype. Every call of every variant alternates with the others, so a slow
+spell of the machine hits all of them; ratios are taken within a round (median, min-max over the
+rounds).
 
 A decode step reads every weight once (and the KV cache so far) and does 2 flops per weight per
 sequence, so at batch B its speed has two limits, both measured in this run:
@@ -157,8 +157,9 @@ def main(argv=None):
     for name, m in list(samplers.items()) + list(theirs.items()):
         precision = name.split()[-1]
         dtype = "fp32" if precision == "fp32" else "bf16"  # int8 products run in bf16
-        same_bytes = m if name in samplers else model.for_decoding(precision)  # transformers': the same tensors
-        kv_bytes = 4 if name in samplers else 2 if precision == "bf16" else 4  # GPT.generate's CPU cache is fp32
+        # transformers' tensors are ours in the same dtype; its KV cache is in its weights' dtype, ours in fp32.
+        same_bytes = m if name in samplers else samplers.get(f"ours {precision}") or model.for_decoding(precision)
+        kv_bytes = 2 if name in theirs and precision == "bf16" else 4
         nbytes = {n: bytes_per_step(same_bytes, B, args.prompt_len, n, kv_bytes) for n in lengths}
         compute_limit = peaks[dtype] / flops_per_token(model.config)
         limits[name] = {n: (B * bandwidth / nbytes[n], compute_limit) for n in lengths}
