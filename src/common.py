@@ -4,6 +4,7 @@ atomic writes, and telling a local path from a hub name.
 A *user error* (missing file, malformed row, wrong checkpoint, missing API key) is not a bug:
 the CLI prints one line on stderr and exits with code 2, no traceback. Bugs keep their traceback.
 """
+import gc
 import json
 import os
 import random
@@ -49,7 +50,23 @@ def run_cli(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    leave_process_group()
     sys.exit(code or 0)
+
+
+def leave_process_group():
+    """End a torchrun process's part in its group once every process is done.
+
+    A gloo group (or a DDP wrapper holding one) still alive when the interpreter shuts down can
+    abort the process with SIGABRT ("terminate called without an active exception") after a run
+    that succeeded, which torchrun reports as a failure; so the wrappers are collected first,
+    everyone waits for everyone, and the group is destroyed."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()  # a Trainer sits in reference cycles: free its DDP wrappers (and their group references)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def seed_everything(seed: int):
