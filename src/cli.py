@@ -169,13 +169,14 @@ def resumed_args(args):
     saved = read_json(path, "run config (is --resume a run directory?)")
     if not isinstance(saved, dict) or not isinstance(saved.get("args"), dict):
         raise UserError(f"--resume {args.resume}: {path} is not a training run's config (no saved arguments)")
-    # Another script's run (an SFT run given to train_rm.py) has other flags: refuse it before they are used.
+    # Another script's run (an SFT run given to train_rm.py) has flags this script lacks: refuse it
+    # before they are used. Flags this script gained since the run was made take their defaults.
     ours, theirs = set(vars(args)) - {"resume"}, set(saved["args"]) - {"resume"}
-    if ours != theirs:
-        differ = ", ".join("--" + k.replace("_", "-") for k in sorted(ours ^ theirs)[:3])
+    if theirs - ours:
+        differ = ", ".join("--" + k.replace("_", "-") for k in sorted(theirs - ours)[:3])
         raise UserError(f"--resume {args.resume} was made by another script (stage {saved.get('stage', '?')} in its "
-                        f"config.json; its saved flags differ: {differ})")
-    restored = argparse.Namespace(**saved["args"])
+                        f"config.json; flags this script does not have: {differ})")
+    restored = argparse.Namespace(**{**{k: getattr(args, k) for k in ours - theirs}, **saved["args"]})
     restored.resume = args.resume
     return restored
 

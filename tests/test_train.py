@@ -154,6 +154,24 @@ def test_two_processes_with_torchrun(data, tmp_path):
     assert r.stdout.count("done:") == 1
 
 
+def test_resume_fills_flags_added_since_and_refuses_another_scripts_run(tmp_path):
+    """--resume restores the saved flags; a flag the script gained after the run was made (e.g.
+    --decode-compile) takes its default instead of refusing the run, while a run with flags the
+    script does not have (another stage's) is still refused with one line."""
+    import argparse
+
+    from cli import resumed_args
+    from common import UserError
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"stage": "sft", "args": {"lr": 0.5, "pack": True, "resume": None}}))
+    now = argparse.Namespace(resume=str(tmp_path), lr=1e-4, pack=False, decode_compile=False)
+    got = resumed_args(now)
+    assert vars(got) == {"resume": str(tmp_path), "lr": 0.5, "pack": True, "decode_compile": False}
+    config.write_text(json.dumps({"stage": "rm", "args": {"lr": 0.5, "score_mean_with_padding": True}}))
+    with pytest.raises(UserError, match="another script.*--score-mean-with-padding"):
+        resumed_args(now)
+
+
 def rm_checkpoint(tmp_path):
     """A reward-model run directory of the nano preset (random weights)."""
     from checkpoints import save_model
