@@ -157,7 +157,10 @@ class PPOConfig:
     decode_precision bf16 / int8 samples rollouts from a low-precision copy of the policy (faster
     where the CPU's bf16 kernels are, benchmarks/decode.py); old log-probs still come from the
     policy itself, so the first minibatch's ratio stays 1 and only which tokens are drawn changes
-    (KL to the fp32 policy <= 1e-3 nats per token, tests/test_ppo.py)."""
+    (KL to the fp32 policy <= 1e-3 nats per token, tests/test_ppo.py). decode_compile runs the
+    sampler through torch.compile: compiled on the first rollout, reused by every later one
+    (benchmarks/gpu.py measures it on CUDA; on a CPU it bought 1-5% at gpt2-small shape for ~40 s
+    of compiling, benchmarks/results/decode_compile.md)."""
 
     rollout_batch_size: int = 32  # prompts per rollout on each process
     minibatch_size: int = 8  # sequences per PPO minibatch (must divide rollout_batch_size)
@@ -182,6 +185,7 @@ class PPOConfig:
     rloo_k: int = 4  # rloo: samples per prompt; a rollout answers rollout_batch_size / rloo_k prompts
     rollout_top_k: Optional[int] = None  # sample from the top k, log-probs of the full softmax (original: 50)
     decode_precision: str = "fp32"  # rollout sampler's weights: fp32 (the policy) | bf16 | int8 (GPT.for_decoding)
+    decode_compile: bool = False  # torch.compile the rollout sampler (compiled on the first rollout only)
 
     def __post_init__(self):
         if self.advantage not in ADVANTAGES:

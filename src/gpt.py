@@ -305,8 +305,9 @@ class GPT(nn.Module):
         is faster where the CPU's bf16 kernels are (benchmarks/decode.py measures which wins). The
         copy is for choosing tokens only: log-probs that a loss uses come from the model itself.
         compile=True runs its forward through torch.compile (dynamic=True, so growing cache lengths
-        do not each compile anew); worth it for a model sampled many times (benchmarks/gpu.py measures it), not
-        for a copy made per rollout, which would compile afresh each time.
+        do not each compile anew; benchmarks/gpu.py measures what it buys). A new copy of the same
+        shape reuses the code compiled for the first (dynamo guards on shapes, not on which module),
+        so PPO can make one per rollout without compiling again (tests/test_ppo.py).
         """
         if precision not in DECODE_PRECISIONS:
             raise UserError(f"decode precision must be one of {', '.join(DECODE_PRECISIONS)}, got {precision!r}")

@@ -59,22 +59,26 @@ class PPOModels:
     actor and critic may be wrapped for data parallelism. Every forward runs under `autocast()`, and
     every log-prob divides the logits by the sampling temperature, so old, new and reference log-probs
     are of the policy sampled from. `top_k` (PPOConfig.rollout_top_k) reproduces the original's
-    mismatch: samples from the top-k tokens, log-probs of the full softmax. `decode_precision`
-    (PPOConfig) samples from a bf16 / int8 copy of the actor, made afresh for every call; the
-    log-probs are the actor's own whatever it is.
+    mismatch: samples from the top-k tokens, log-probs of the full softmax. `decode_precision` and
+    `decode_compile` (PPOConfig) sample from a bf16 / int8 and / or compiled copy of the actor, made
+    afresh for every call; the log-probs are the actor's own whatever it is.
     """
 
     def __init__(self, actor: nn.Module, critic: Optional[nn.Module], ref: Optional[nn.Module] = None,
                  temperature: float = 1.0, autocast: Callable = nullcontext, top_k: Optional[int] = None,
-                 decode_precision: str = "fp32"):
+                 decode_precision: str = "fp32", decode_compile: bool = False):
         self.actor, self.critic, self.ref = actor, critic, ref
         self.temperature, self.autocast, self.top_k = temperature, autocast, top_k
-        self.decode_precision = decode_precision
+        self.decode_precision, self.decode_compile = decode_precision, decode_compile
+
+    def sampler(self) -> nn.Module:
+        """What draws the tokens: the actor itself, or its bf16 / int8 / compiled copy."""
+        return _unwrap(self.actor).for_decoding(self.decode_precision, self.decode_compile)
 
     def generate(self, prompt_ids, prompt_mask, max_new_tokens: int, generator=None) -> Generation:
         """Sample from the plain softmax at the temperature (no top-k / top-p: the log-probs PPO
         uses are of that distribution), unless `top_k` asks for the original's mismatch."""
-        sampler = _unwrap(self.actor).for_decoding(self.decode_precision)
+        sampler = self.sampler()
         with self.autocast():
             return sampler.generate(prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
                                     temperature=self.temperature, top_k=self.top_k, eos_id=EOS_ID,

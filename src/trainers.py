@@ -490,7 +490,8 @@ class PPOStage(Stage):
 
     def ppo_models(self, trainer, run) -> PPOModels:
         return PPOModels(run["model"], run.get("critic"), self.frozen.get("ref"), self.cfg.temperature,
-                         trainer.autocast, self.cfg.rollout_top_k, self.cfg.decode_precision)
+                         trainer.autocast, self.cfg.rollout_top_k, self.cfg.decode_precision,
+                         self.cfg.decode_compile)
 
     def _scorer(self, trainer, fn):
         """fn(generation, prompts) -> scores, as fp32 on the trainer's device."""

@@ -187,7 +187,7 @@ def test_first_ratio_is_one_at_any_temperature_decode_precision_and_compiled(
     differently: measured 7e-7 on the first step on this CPU, so compiled runs are held to 1e-5."""
     asked = []
     for_decoding = GPT.for_decoding
-    monkeypatch.setattr(GPT, "for_decoding", lambda self, p: asked.append(p) or for_decoding(self, p))
+    monkeypatch.setattr(GPT, "for_decoding", lambda self, p, compile=False: asked.append(p) or for_decoding(self, p, compile))
     torch.manual_seed(0)
     stage = make_ppo(word_policy, lora_rank=8, temperature=temperature, rollout_batch_size=8, minibatch_size=4,
                      ppo_epochs=1, max_new_tokens=6, decode_precision=decode_precision)
@@ -198,6 +198,33 @@ def test_first_ratio_is_one_at_any_temperature_decode_precision_and_compiled(
     assert all(r["first_ratio_max_dev"] <= tolerance for r in rows), [r["first_ratio_max_dev"] for r in rows]
     after = stage.models["model"].state_dict()
     assert any((after[k] - v).abs().max() > 0 for k, v in before.items())
+
+
+@COMPILE
+def test_a_compiled_rollout_sampler_compiles_once_and_follows_the_policy(word_policy):
+    """PPOConfig.decode_compile: the bf16 sampler, a new copy every rollout, is compiled on the
+    first; later rollouts, after updates moved the policy, add no graphs (dynamo reuses the code
+    for a module of the same shape) and decode with the new weights (the copy's logits are an eager
+    copy's within bf16 rounding, and far from the old weights')."""
+    from torch._dynamo.utils import counters
+    policy = GPT(CONFIG).eval()
+    policy.load_state_dict(word_policy)
+    models = PPOModels(policy, None, decode_precision="bf16", decode_compile=True)
+    items = collate_prompts(prompt_items(8))
+    ids, mask = items["input_ids"], items["attention_mask"]
+    graphs = []
+    for rollout in range(3):
+        models.generate(ids, mask, max_new_tokens=6, generator=torch.Generator().manual_seed(rollout))
+        with torch.no_grad():
+            stale = models.sampler().logits(ids, mask).float()  # no cache: a graph of its own
+            graphs.append(counters["stats"]["unique_graphs"])
+            for p in policy.parameters():  # an update
+                p.add_(torch.randn_like(p) * 0.02)
+    with torch.no_grad():
+        got = models.sampler().logits(ids, mask).float()
+        want = policy.for_decoding("bf16").logits(ids, mask).float()
+    assert graphs[0] > 0 and graphs[1] == graphs[2] == graphs[0], graphs
+    assert (got - want).abs().max() < 0.1 * (stale - want).abs().max()
 
 
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
