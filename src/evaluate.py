@@ -552,6 +552,9 @@ def evaluate(models: Dict[str, object], prompts: List[str], judges: list, compar
     `fixed_order` asks chat judges one order only, a's answer as B (see judge_comparisons)."""
     if not prompts:
         raise UserError("no prompts to evaluate on")
+    if out_dir and cache_dir and os.path.abspath(out_dir) == os.path.abspath(cache_dir):
+        raise UserError(f"--out-dir and --cache-dir are both {out_dir}: the answers written there would "
+                        "overwrite the answer cache (generations.jsonl); give the cache a directory of its own")
     comparisons = list(comparisons or default_comparisons(list(models)))
     if not comparisons:
         raise UserError("nothing to compare: give at least two models")

@@ -253,7 +253,7 @@ def evaluate_all(run_dir, stage_dirs, base, prompts_source, judges, plan, args, 
     params = evaluate.GenParams(max_new_tokens=plan.max_new_tokens, temperature=1.0, top_k=0, seed=seed)
     built = [make_judge(spec, device=args.device) for spec in judges]
     return evaluate.evaluate(models, prompts, built, comparisons=[("ppo", "sft"), ("sft", "init")],
-                             out_dir=os.path.join(run_dir, "eval"), cache_dir=os.path.join(run_dir, "eval"),
+                             out_dir=os.path.join(run_dir, "eval"), cache_dir=os.path.join(run_dir, "eval_cache"),
                              params=params, device=args.device, clusters=clusters)
 
 

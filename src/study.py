@@ -268,7 +268,7 @@ def evaluate_seed(args, plan: StudyPlan, seed: int, seed_dir: str, dirs: Dict[st
     clusters = evaluate.prompt_clusters(prompts, "fact", source)
     pipe = PLANS[plan.pipeline]
     params = evaluate.GenParams(max_new_tokens=pipe.max_new_tokens, temperature=1.0, top_k=0, seed=seed)
-    cache = os.path.join(seed_dir, "eval")
+    cache = os.path.join(seed_dir, "eval_cache")  # not eval/: the output's generations.jsonl would overwrite it
     policies = [v.name for v in variants(plan) if v.script != "rm"]
     models: Dict[str, object] = {"sft": dirs["sft"], **{name: dirs[name] for name in policies}}
     scorer = make_judge(f"rm:{dirs['rm']}", device=args.device)
