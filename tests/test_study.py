@@ -80,7 +80,7 @@ def test_a_rerun_reuses_everything(study):
     again = run_script("study.py", *args, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "train:" not in again.stdout + again.stderr  # no training script read its data
-    generated = [line for line in again.stdout.splitlines() if "answers generated" in line]
+    generated = [line for line in again.stderr.splitlines() if "answers generated" in line]  # evaluate's log
     assert generated and all(": 0 answers generated" in line for line in generated), generated  # all cached
     with open(study_dir / "results.json") as f:
         rerun = json.load(f)
