@@ -187,7 +187,8 @@ def test_first_ratio_is_one_at_any_temperature_decode_precision_and_compiled(
     differently: measured 7e-7 on the first step on this CPU, so compiled runs are held to 1e-5."""
     asked = []
     for_decoding = GPT.for_decoding
-    monkeypatch.setattr(GPT, "for_decoding", lambda self, p, compile=False: asked.append(p) or for_decoding(self, p, compile))
+    monkeypatch.setattr(GPT, "for_decoding",
+                        lambda self, p, compile=False: asked.append(p) or for_decoding(self, p, compile))
     torch.manual_seed(0)
     stage = make_ppo(word_policy, lora_rank=8, temperature=temperature, rollout_batch_size=8, minibatch_size=4,
                      ppo_epochs=1, max_new_tokens=6, decode_precision=decode_precision)
